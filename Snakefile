@@ -1,0 +1,34 @@
+# Reproduce published single-cell perturbation-prediction results: data -> split -> train -> sample -> score -> tables.
+# Thin entry point: all logic lives in workflow/rules/*.smk and the perturb_repro package (workflow/src).
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.20")
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "src"))
+
+
+# The paper configuration is the default; a --configfile (e.g. config/demo.yaml) replaces it rather than
+# being merged into it, so the demo never inherits the paper's datasets.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    input:
+        all_targets(),

@@ -1,0 +1,89 @@
+# Validated config, wildcard constraints from the config, and the input functions the rules share.
+import hashlib
+import json
+
+from snakemake.utils import validate
+
+from perturb_repro.config import model_params, run_pairs
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+SRC = Path(workflow.basedir) / "workflow" / "src" / "perturb_repro"
+ENV = "../../envs/pipeline.yaml"
+PAIRS = run_pairs(config)
+DATASETS = list(config["datasets"])
+MODELS = sorted({m for _, m in PAIRS})
+TABLES = list(config.get("tables", {}))
+
+
+def _check_names():
+    for dataset, model in PAIRS:
+        if model not in config["models"]:
+            raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
+    for name, table in config.get("tables", {}).items():
+        for paper_ds, run_ds in table["datasets"].items():
+            if run_ds not in config["datasets"]:
+                raise ValueError(f"config: tables.{name}.datasets.{paper_ds} names unknown dataset '{run_ds}'")
+
+
+_check_names()
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS) or "NONE",
+    model="|".join(MODELS) or "NONE",
+    table="|".join(TABLES) or "NONE",
+
+
+def dataset_cfg(dataset):
+    return dict(config["datasets"][dataset], name=dataset)
+
+
+def model_cfg(model):
+    return config["models"][model]
+
+
+def params_of(model):
+    return model_params(config["models"][model])
+
+
+def params_hash(model):
+    """Changes when a model's resolved hyper-parameters change, so Snakemake retrains."""
+    return hashlib.sha256(json.dumps(params_of(model), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def raw_path(dataset):
+    """Bundled files are read where they are; downloaded ones land under resources/raw/{dataset}/."""
+    source = config["datasets"][dataset]["source"]
+    if source.get("path"):
+        return source["path"]
+    name = Path(source.get("archive_member") or source["url"].rstrip("/").split("/")[-1]).name
+    return f"resources/raw/{dataset}/{name}"
+
+
+def model_resources(model, stage, key, default):
+    """Per-model cluster resources from config (training and sampling share them)."""
+    return config["models"][model].get("resources", {}).get(key, default)
+
+
+def needs_esm2(model):
+    return config["models"][model]["type"] in {"cellflow"}
+
+
+def esm2_input(wildcards):
+    return f"results/{wildcards.dataset}/esm2.npz" if needs_esm2(wildcards.model) else []
+
+
+def model_source_files(model):
+    """The model's code: a change to it retrains the model."""
+    kind = config["models"][model]["type"]
+    files = {"control_mean": "baselines.py", "additive": "baselines.py"}.get(kind, f"{kind}.py")
+    return [str(SRC / "models" / files)]
+
+
+def all_targets():
+    targets = [f"results/{d}/{m}/metrics.csv" for d, m in PAIRS]
+    targets += [f"results/tables/{t}.{ext}" for t in TABLES for ext in ("csv", "md")]
+    targets.append("results/report.html")
+    return targets

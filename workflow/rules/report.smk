@@ -1,0 +1,55 @@
+# Paper tables (reported vs reproduced, one status per cell) and the HTML report.
+import yaml
+
+
+def table_runs(table):
+    """(run dataset, model) pairs a table's cells need, split into configured and not configured."""
+    spec = yaml.safe_load(Path(config["tables"][table]["spec"]).read_text())
+    mapping = config["tables"][table]["datasets"]
+    wanted = {(mapping.get(c["dataset"], c["dataset"]), c["model"]) for c in spec["cells"]}
+    return sorted(p for p in wanted if p in PAIRS), sorted(p for p in wanted if p not in PAIRS)
+
+
+rule paper_table:
+    input:
+        spec=lambda w: config["tables"][w.table]["spec"],
+        metrics=lambda w: [f"results/{d}/{m}/metrics.csv" for d, m in table_runs(w.table)[0]],
+    output:
+        csv="results/tables/{table}.csv",
+        md="results/tables/{table}.md",
+    params:
+        runs=lambda w: table_runs(w.table)[0],
+        dataset_map=lambda w: config["tables"][w.table]["datasets"],
+        scale={d: c["scale"] for d, c in config["datasets"].items()},
+    log:
+        "logs/tables/{table}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/paper_table.py"
+
+
+rule report:
+    input:
+        tables=expand("results/tables/{table}.csv", table=TABLES),
+        metrics=[f"results/{d}/{m}/metrics.csv" for d, m in PAIRS],
+        per_condition=[f"results/{d}/{m}/per_condition.csv" for d, m in PAIRS],
+        predictions=[f"results/{d}/{m}/predictions.h5ad" for d, m in PAIRS],
+        checkpoints=[f"results/{d}/{m}/checkpoint" for d, m in PAIRS],
+        truth=expand("results/{dataset}/test_truth.h5ad", dataset=sorted({d for d, _ in PAIRS})),
+        pca=expand("results/{dataset}/pca.npz", dataset=sorted({d for d, _ in PAIRS})),
+        summaries=expand("results/{dataset}/summary.json", dataset=sorted({d for d, _ in PAIRS})),
+    output:
+        "results/report.html",
+    params:
+        pairs=PAIRS,
+        tables=TABLES,
+        pca_conditions=config["report"].get("pca_conditions", 3),
+        configfiles=[str(f) for f in workflow.configfiles],
+        sources={d: config["datasets"][d]["source"] for d in DATASETS},
+    log:
+        "logs/report.log",
+    conda:
+        ENV
+    script:
+        "../scripts/report.py"

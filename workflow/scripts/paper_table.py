@@ -1,0 +1,8 @@
+from perturb_repro.joblog import logged
+from perturb_repro.tables.paper_table import load_table_spec, reproduce_table, write_table
+
+with logged(snakemake):
+    spec = load_table_spec(snakemake.input.spec)
+    metrics = {tuple(run): path for run, path in zip(snakemake.params.runs, snakemake.input.metrics)}
+    frame = reproduce_table(spec, metrics, snakemake.params.scale, snakemake.params.dataset_map)
+    write_table(frame, snakemake.output.csv, snakemake.output.md, spec)

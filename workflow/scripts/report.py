@@ -1,0 +1,17 @@
+from perturb_repro.joblog import logged
+from perturb_repro.report.html import build_report
+from perturb_repro.provenance import collect_provenance
+
+with logged(snakemake):
+    inp = snakemake.input
+    runs = [
+        {
+            "dataset": d, "model": m, "metrics_csv": inp.metrics[i], "per_condition_csv": inp.per_condition[i],
+            "predictions": inp.predictions[i], "train_log_csv": f"{inp.checkpoints[i]}/train_log.csv",
+            "truth": f"results/{d}/test_truth.h5ad", "pca": f"results/{d}/pca.npz",
+        }
+        for i, (d, m) in enumerate(snakemake.params.pairs)
+    ]
+    tables = [(csv, csv[: -len(".csv")] + ".md") for csv in inp.tables]
+    provenance = collect_provenance(snakemake.params.configfiles, snakemake.params.sources, inp.summaries)
+    build_report(snakemake.output[0], tables, runs, provenance, n_pca_conditions=snakemake.params.pca_conditions)

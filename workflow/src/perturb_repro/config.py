@@ -1,0 +1,43 @@
+"""Config helpers shared by the Snakefile and the jobs: presets, per-model parameters, run pairs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import PipelineInputError
+
+PRESET_DIR = Path(__file__).resolve().parents[3] / "config" / "presets"
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def model_params(model_cfg: Mapping[str, Any], preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
+    """A model's hyper-parameters: its preset file's named preset, then the config's overrides."""
+    preset = model_cfg.get("preset")
+    params: dict[str, Any] = {}
+    if preset:
+        path = Path(preset_dir) / f"{model_cfg['type']}.yaml"
+        if not path.exists():
+            raise PipelineInputError(path, "preset", f"no preset file for model type '{model_cfg['type']}'")
+        presets = yaml.safe_load(path.read_text()) or {}
+        if preset not in presets:
+            raise PipelineInputError(path, preset, f"preset not found; available: {sorted(presets)}")
+        params = presets[preset]
+    return deep_merge(params, model_cfg.get("overrides") or {})
+
+
+def run_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every configured (dataset, model) pair, in config order."""
+    return [(d, m) for d, cfg in config["datasets"].items() for m in cfg.get("models", [])]

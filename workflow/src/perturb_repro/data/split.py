@@ -1,0 +1,120 @@
+"""Condition-level splits. The GEARS simulation split is a faithful port of GEARS' DataSplitter.
+
+GEARS (snap-stanford/GEARS, ``gears/data_utils.py``: ``DataSplitter.split_data`` and
+``get_simulation_split``) draws with the global NumPy RNG re-seeded at the start of each call.
+The port keeps every draw in the same order with the same arguments, so for the same condition
+labels and seed it returns the same split; sorted inputs (``np.unique``/``np.setdiff1d``) make it
+independent of the order conditions appear in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .conditions import genes_of, unique_genes
+
+
+@dataclass(frozen=True)
+class SimulationSplit:
+    train: list[str]
+    test: list[str]
+    subgroups: dict[str, list[str]]
+
+
+def _perts_from_genes(genes, perts: list[str], kind: str, control_label: str) -> list[str]:
+    """Perturbations (in ``perts`` order) of the given kind that touch any of ``genes``."""
+    wanted = set(genes)
+    n_genes = {"single": 1, "combo": 2}[kind]
+    return [p for p in perts if len(genes_of(p, control_label)) == n_genes and wanted & set(genes_of(p, control_label))]
+
+
+def _n_seen(pert: str, seen: set[str], control_label: str) -> int:
+    return sum(g in seen for g in genes_of(pert, control_label))
+
+
+def gears_simulation_split(
+    perts: list[str],
+    control_label: str,
+    train_gene_set_size: float,
+    combo_seen2_train_frac: float,
+    seed: int,
+) -> SimulationSplit:
+    """One call of GEARS' ``get_simulation_split`` (no pre-specified test perturbations)."""
+    np.random.seed(seed)
+    genes = np.array(unique_genes(perts, control_label))
+    train_genes = np.random.choice(genes, int(len(genes) * train_gene_set_size), replace=False)
+    seen = set(train_genes.tolist())
+    ood_genes = np.setdiff1d(genes, train_genes)
+
+    train = list(_perts_from_genes(train_genes, perts, "single", control_label))
+    combos = _perts_from_genes(train_genes, perts, "combo", control_label)
+    combo_seen1 = [p for p in combos if _n_seen(p, seen, control_label) == 1]
+    test = list(combo_seen1)
+
+    combos_seen2_pool = np.setdiff1d(combos, combo_seen1)
+    combo_train = np.random.choice(
+        combos_seen2_pool, int(len(combos_seen2_pool) * combo_seen2_train_frac), replace=False
+    )
+    combo_seen2 = np.setdiff1d(combos_seen2_pool, combo_train).tolist()
+    test.extend(combo_seen2)
+    train.extend(combo_train.tolist())
+
+    unseen_single = _perts_from_genes(ood_genes, perts, "single", control_label)
+    test.extend(unseen_single)
+    combo_seen0 = [
+        p for p in _perts_from_genes(ood_genes, perts, "combo", control_label) if _n_seen(p, seen, control_label) == 0
+    ]
+    test.extend(combo_seen0)
+    if len(train) + len(test) != len(perts):
+        raise AssertionError("GEARS split lost or duplicated conditions")
+    return SimulationSplit(
+        train=train,
+        test=test,
+        subgroups={
+            "combo_seen0": combo_seen0,
+            "combo_seen1": combo_seen1,
+            "combo_seen2": combo_seen2,
+            "unseen_single": unseen_single,
+        },
+    )
+
+
+def gears_split_table(
+    conditions: list[str],
+    control_label: str,
+    seed: int,
+    train_gene_set_size: float = 0.75,
+    combo_seen2_train_frac: float = 0.75,
+) -> pd.DataFrame:
+    """GEARS ``split_data(split_type='simulation')``: test split, then val carved from train.
+
+    Returns one row per condition with columns ``condition, split, subgroup``; the control is in
+    train, as GEARS puts it.
+    """
+    perts = [c for c in pd.unique(pd.Series(conditions)) if c != control_label]
+    outer = gears_simulation_split(perts, control_label, train_gene_set_size, combo_seen2_train_frac, seed)
+    # GEARS carves validation from train with fixed fractions 0.9/0.9 and the same seed.
+    inner = gears_simulation_split(outer.train, control_label, 0.9, 0.9, seed)
+    rows = [(c, "train", "") for c in inner.train]
+    rows += [(c, "val", g) for g, members in inner.subgroups.items() for c in members]
+    rows += [(c, "test", g) for g, members in outer.subgroups.items() for c in members]
+    rows.append((control_label, "train", "control"))
+    table = pd.DataFrame(rows, columns=["condition", "split", "subgroup"])
+    if table["condition"].duplicated().any():
+        raise AssertionError("a condition landed in two splits")
+    return table.sort_values(["split", "subgroup", "condition"]).reset_index(drop=True)
+
+
+SPLIT_RECIPES = {"gears_simulation": gears_split_table}
+
+
+def make_split(conditions: list[str], control_label: str, recipe: str, **params) -> pd.DataFrame:
+    """Dispatch a configured split recipe by name."""
+    try:
+        fn = SPLIT_RECIPES[recipe]
+    except KeyError:
+        raise ValueError(f"unknown split recipe '{recipe}'; known: {sorted(SPLIT_RECIPES)}") from None
+    return fn(conditions, control_label, **params)

@@ -1,0 +1,67 @@
+"""The model interface every method implements, and the registry the config's ``type`` names."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import anndata as ad
+import numpy as np
+
+from ..data.pca import PCABasis
+
+
+@dataclass
+class ModelContext:
+    """What a model may know about its dataset besides the cells: all of it derived from train data."""
+
+    dataset: str
+    control_label: str
+    pca: PCABasis
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    seed: int = 0
+
+
+class PerturbationModel(Protocol):
+    """``fit`` writes everything ``sample`` needs into ``checkpoint_dir``; ``sample`` reads only that."""
+
+    def fit(
+        self,
+        train: ad.AnnData,
+        val: ad.AnnData,
+        context: ModelContext,
+        params: Mapping[str, Any],
+        checkpoint_dir: Path,
+    ) -> None: ...
+
+    def sample(
+        self,
+        checkpoint_dir: Path,
+        conditions: list[str],
+        control: ad.AnnData,
+        n_cells: int,
+        context: ModelContext,
+        params: Mapping[str, Any],
+        sampling: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Return gene-space cells (log scale, >= 0) per condition, ``n_cells`` rows each."""
+        ...
+
+
+# type -> "module:Class". Modules import lazily so a baseline job never imports JAX.
+MODEL_REGISTRY: dict[str, str] = {
+    "control_mean": "perturb_repro.models.baselines:ControlMean",
+    "additive": "perturb_repro.models.baselines:Additive",
+    "cellflow": "perturb_repro.models.cellflow:CellFlowModel",
+}
+
+
+def get_model(model_type: str) -> PerturbationModel:
+    try:
+        target = MODEL_REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model type '{model_type}'; known: {sorted(MODEL_REGISTRY)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)()

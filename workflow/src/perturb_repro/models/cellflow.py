@@ -1,0 +1,232 @@
+"""CellFlow (Klein, Fleck, Becker et al. 2025) through the authors' ``cellflow-tools`` package.
+
+The network, OT-coupled flow matching and data handling are cellflow's own; this wrapper adds
+what a pipeline job needs around them: PCA-space inputs from the train-fitted basis, ESM2 gene
+embeddings as perturbation representations, a training loop with resumable checkpoints, and a
+sampler that compiles one Euler ODE solve for all conditions (``CellFlow.predict`` re-traces it for
+every condition).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ..data.conditions import genes_of
+from ..data.source import CONDITION, IS_CONTROL
+from ..io import atomic_path, write_text
+from ..training import Preempted, StopFlag, TrainLog
+from .base import ModelContext
+
+MODEL_FILE = "CellFlow.pkl"
+STATE_FILE = "state.json"
+REP_KEY = "esm2"
+GENE_COLUMNS = ("gene_1", "gene_2")
+CONTROL_KEY = "control"
+
+
+def _cellflow_view(adata: ad.AnnData, context: ModelContext) -> ad.AnnData:
+    """Cells in train-PCA space with cellflow's covariate columns: one column per combination slot."""
+    view = ad.AnnData(
+        X=np.zeros((adata.n_obs, 1), dtype=np.float32),
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+    )
+    view.obsm["X_pca"] = context.pca.transform(adata.X)
+    slots = [genes_of(c, context.control_label) for c in adata.obs[CONDITION]]
+    for i, column in enumerate(GENE_COLUMNS):
+        # an empty slot holds the control label, whose embedding is the zero vector
+        view.obs[column] = pd.Categorical([g[i] if len(g) > i else context.control_label for g in slots])
+    view.obs[CONTROL_KEY] = adata.obs[IS_CONTROL].to_numpy(dtype=bool)
+    view.obs[CONDITION] = adata.obs[CONDITION].astype(str).to_numpy()
+    view.uns[REP_KEY] = _embedding_table(context, view.obs[list(GENE_COLUMNS)].stack().unique())
+    return view
+
+
+def _embedding_table(context: ModelContext, genes) -> dict[str, np.ndarray]:
+    missing = [g for g in genes if g not in context.embeddings and g != context.control_label]
+    if missing:
+        raise ValueError(f"no ESM2 embedding for perturbed genes {missing[:5]}")
+    dim = len(next(iter(context.embeddings.values())))
+    return {g: np.asarray(context.embeddings.get(g, np.zeros(dim)), dtype=np.float32) for g in genes}
+
+
+def _prepare_model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Config (plain YAML values) -> ``CellFlow.prepare_model`` arguments (callables and tuples)."""
+    import functools
+
+    import optax
+    from cellflow.utils import match_linear
+
+    kwargs = dict(model)
+    kwargs["match_fn"] = functools.partial(match_linear, **kwargs.pop("match_fn", {}))
+    opt = kwargs.pop("optimizer")
+    kwargs["optimizer"] = optax.MultiSteps(optax.adam(opt["learning_rate"]), opt["every_k_schedule"])
+    for key in ("hidden_dims", "decoder_dims", "time_encoder_dims"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    if "layers_before_pool" in kwargs:
+        kwargs["layers_before_pool"] = {k: (dict(v),) for k, v in kwargs["layers_before_pool"].items()}
+    if "layers_after_pool" in kwargs:
+        kwargs["layers_after_pool"] = (dict(kwargs["layers_after_pool"]),)
+    return kwargs
+
+
+def build_cellflow(train: ad.AnnData, context: ModelContext, params: Mapping[str, Any]):
+    """A CellFlow object with data and network prepared, untrained."""
+    from cellflow.model import CellFlow
+
+    cf = CellFlow(_cellflow_view(train, context), solver=params.get("solver", "otfm"))
+    cf.prepare_data(
+        sample_rep="X_pca",
+        control_key=CONTROL_KEY,
+        perturbation_covariates={"target_gene": GENE_COLUMNS},
+        perturbation_covariate_reps={"target_gene": REP_KEY},
+        max_combination_length=len(GENE_COLUMNS),
+    )
+    cf.prepare_model(**_prepare_model_kwargs(params["model"]), seed=context.seed)
+    return cf
+
+
+def _save(cf, checkpoint_dir: Path, step: int) -> None:
+    """Model then step marker, each atomically: a crash between them re-runs at most one chunk."""
+    with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
+        import cloudpickle
+
+        with open(tmp, "wb") as handle:
+            cloudpickle.dump(cf, handle)
+    write_text(json.dumps({"step": step}), checkpoint_dir / STATE_FILE)
+
+
+def load_cellflow(checkpoint_dir: Path):
+    from cellflow.model import CellFlow
+
+    return CellFlow.load(str(Path(checkpoint_dir) / MODEL_FILE))
+
+
+def train_steps(cf, start: int, stop: int, batch_size: int, seed: int, log: TrainLog, flag: StopFlag | None) -> int:
+    """Run cellflow's own step function from ``start`` to ``stop``; return the next step.
+
+    The batch and step keys are folded from (seed, step), so a resumed run draws what an
+    uninterrupted one would have drawn at the same step.
+    """
+    import jax
+    from cellflow.data._dataloader import TrainSampler
+
+    sampler = TrainSampler(data=cf.train_data, batch_size=batch_size)
+    root = jax.random.PRNGKey(seed)
+    step = start
+    while step < stop:
+        rng_batch, rng_step = jax.random.split(jax.random.fold_in(root, step))
+        loss = cf.solver.step_fn(rng_step, sampler.sample(rng_batch))
+        log.add(step, float(loss))
+        step += 1
+        if flag is not None and flag.raised:
+            break
+    cf.solver.is_trained = True
+    return step
+
+
+class CellFlowModel:
+    def fit(self, train, val, context: ModelContext, params, checkpoint_dir: Path) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        training = params["training"]
+        total = int(training["num_iterations"])
+        every = int(training.get("checkpoint_every") or total)
+        state = checkpoint_dir / STATE_FILE
+        start = json.loads(state.read_text())["step"] if state.exists() and (checkpoint_dir / MODEL_FILE).exists() else 0
+        cf = load_cellflow(checkpoint_dir) if start else build_cellflow(train, context, params)
+        log = TrainLog(checkpoint_dir / "train_log.csv", start)
+        try:
+            with StopFlag() as flag:
+                step = start
+                while step < total:
+                    step = train_steps(cf, step, min(step + every, total), int(training["batch_size"]), context.seed, log, flag)
+                    log.flush()
+                    _save(cf, checkpoint_dir, step)
+                    if flag.raised:
+                        raise Preempted(f"signal {flag.raised} at step {step}; state saved, rerun to resume")
+                if start == total:
+                    cf.solver.is_trained = True
+        finally:
+            log.close()
+
+    def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
+        cf = load_cellflow(Path(checkpoint_dir))
+        rng = np.random.default_rng(int(sampling.get("seed", 0)))
+        n_ctrl = int(control.obs[IS_CONTROL].sum())
+        pick = rng.choice(n_ctrl, size=n_cells, replace=n_cells > n_ctrl)
+        source = control[np.flatnonzero(control.obs[IS_CONTROL].to_numpy())[pick]]
+        z = EulerSampler(cf, int(sampling["steps"])).predict(_cellflow_view(source, context), conditions, context)
+        return {c: context.pca.inverse(z[c]) for c in conditions}
+
+
+class EulerSampler:
+    """Integrates CellFlow's learned ODE from t=0 to 1 with fixed Euler steps.
+
+    One jitted, vmapped solve serves every condition (their source and condition arrays share
+    shapes), so compilation happens once instead of once per condition. The vector field and
+    solver settings are the ones ``OTFlowMatching.predict`` uses.
+    """
+
+    def __init__(self, cf, steps: int) -> None:
+        import diffrax
+        import jax
+        import jax.numpy as jnp
+
+        self.cf = cf
+        self.steps = steps
+        solver = cf.solver
+        apply_fn = solver.vf_state.apply_fn
+
+        def field(t, x, args):
+            params, condition, noise = args
+            return apply_fn({"params": params}, t, x, condition, noise, train=False)[0]
+
+        def solve(params, x, condition, noise):
+            return diffrax.diffeqsolve(
+                diffrax.ODETerm(field),
+                diffrax.Euler(),
+                t0=0.0,
+                t1=1.0,
+                dt0=1.0 / steps,
+                y0=x,
+                args=(params, condition, noise),
+                stepsize_controller=diffrax.ConstantStepSize(),
+            ).ys[0]
+
+        self._solve = jax.jit(jax.vmap(solve, in_axes=[None, 0, None, None]))
+        self._noise = jnp.zeros((1, solver.vf.condition_embedding_dim))
+
+    def batches(self, view: ad.AnnData, conditions: list[str]):
+        """cellflow's own prediction batches: source cells and condition arrays keyed by condition."""
+        from cellflow.data._dataloader import PredictionSampler
+
+        table = self.cf._dm  # the DataManager built at training time knows the covariate layout
+        covariates = pd.DataFrame({CONDITION: conditions})
+        for i, column in enumerate(GENE_COLUMNS):
+            covariates[column] = [
+                (genes_of(c, view.uns["control_label"]) + [view.uns["control_label"]] * 2)[i] for c in conditions
+            ]
+        for column in GENE_COLUMNS:
+            covariates[column] = pd.Categorical(covariates[column])
+        data = table.get_prediction_data(
+            view, sample_rep="X_pca", covariate_data=covariates, condition_id_key=CONDITION, rep_dict=view.uns
+        )
+        batch = PredictionSampler(data).sample()
+        return batch["source"], batch["condition"], covariates
+
+    def predict(self, view: ad.AnnData, conditions: list[str], context: ModelContext) -> dict[str, np.ndarray]:
+        view.uns["control_label"] = context.control_label
+        view.uns[REP_KEY] = _embedding_table(
+            context, sorted({g for c in conditions for g in genes_of(c, context.control_label)} | {context.control_label})
+        )
+        sources, conds, _ = self.batches(view, conditions)
+        params = self.cf.solver.vf_state.params
+        return {c: np.asarray(self._solve(params, sources[c], conds[c], self._noise)) for c in conditions}

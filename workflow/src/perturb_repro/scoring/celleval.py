@@ -1,0 +1,393 @@
+"""Score one prediction file against its truth file with cell-eval.
+
+cell-eval (``MetricsEvaluator(...).compute(profile=...)``) runs in a separate Python process so
+its numba/polars thread pools and its memory are isolated from the caller and a crash surfaces as
+a clean ``RuntimeError``. Outputs:
+
+* ``per_condition.csv``: cell-eval's ``results.csv`` -- one row per non-control condition (first
+  column ``perturbation``), one column per metric, sorted by condition.
+* ``metrics.csv``: cell-eval's ``agg_results.csv`` (a polars ``describe()``) transposed to one
+  row per metric with columns :data:`METRICS_COLUMNS`, plus ``nan_count`` counted from
+  ``results.csv`` because polars counts NaN as a present value.
+
+NaN is never filled: e.g. cell-eval's ``pearson_delta`` is NaN when the predicted delta is constant
+(a control-mean baseline), and that must stay visible, not become 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+import perturb_repro
+from perturb_repro.errors import PipelineInputError
+from perturb_repro.io import write_csv
+from perturb_repro.scoring.contract import check_prediction
+
+logger = logging.getLogger(__name__)
+
+PROFILES = ("full", "minimal", "vcc", "de", "anndata", "pds")
+# polars describe() row label -> our column name
+_DESCRIBE_ROWS = {
+    "count": "count",
+    "null_count": "null_count",
+    "mean": "mean",
+    "std": "std",
+    "min": "min",
+    "25%": "q25",
+    "50%": "median",
+    "75%": "q75",
+    "max": "max",
+}
+METRICS_COLUMNS = ("metric", "count", "null_count", "nan_count", "mean", "std", "min", "q25", "median", "q75", "max")
+REQUIRED_METRICS_COLUMNS = ("metric", "count", "mean", "std", "min", "q25", "median", "q75", "max")
+CONDITION_COLUMN = "perturbation"  # cell-eval's name for the condition column of results.csv
+_STAT_ALIASES = {"25%": "q25", "50%": "median", "75%": "q75", "q50": "median", "p50": "median"}
+_STDERR_TAIL_LINES = 40
+_SRC_DIR = str(Path(perturb_repro.__file__).resolve().parent.parent)  # .../workflow/src
+
+
+# --------------------------------------------------------------------------- worker (subprocess)
+
+
+class _MetricErrorCollector(logging.Handler):
+    """Collect cell-eval's per-metric failures, which it logs and then skips (break_on_error=False)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Run cell-eval on two h5ad files; meant to run in its own process (see :func:`score`).
+
+    Writes cell-eval's ``results.csv`` / ``agg_results.csv`` into ``--outdir`` and a
+    ``worker.json`` with the wall time and any metrics cell-eval failed to compute.
+    """
+    parser = argparse.ArgumentParser(prog="celleval-worker")
+    for flag in ("--pred", "--truth", "--pert-col", "--control", "--profile", "--outdir"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    collector = _MetricErrorCollector()
+    logging.getLogger("cell_eval").addHandler(collector)
+
+    from cell_eval import MetricsEvaluator  # heavy import (numba, scanpy) only in the worker
+
+    start = time.perf_counter()
+    pred = ad.read_h5ad(args.pred)
+    truth = ad.read_h5ad(args.truth)
+    evaluator = MetricsEvaluator(
+        adata_pred=pred,
+        adata_real=truth,
+        control_pert=args.control,
+        pert_col=args.pert_col,
+        num_threads=args.threads,
+        outdir=args.outdir,
+    )
+    evaluator.compute(profile=args.profile)  # writes results.csv and agg_results.csv into outdir
+    elapsed = time.perf_counter() - start
+    with open(os.path.join(args.outdir, "worker.json"), "w") as fh:
+        json.dump({"seconds": elapsed, "metric_errors": collector.messages}, fh)
+    return 0
+
+
+def _tail(path: Path, n_lines: int = _STDERR_TAIL_LINES) -> str:
+    if not path.exists():
+        return "(no stderr)"
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n_lines:]) or "(empty stderr)"
+
+
+def _worker_env(num_threads: int, workdir: Path) -> dict[str, str]:
+    """Environment for the worker: package importable, thread pools capped, progress bars off."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_DIR, env.get("PYTHONPATH", "")) if p)
+    threads = str(num_threads)
+    # pdex's numba kernels are parallel=True and polars starts one thread per core by default;
+    # both read these at import, which is why they are set here and not in the worker
+    for var in ("NUMBA_NUM_THREADS", "POLARS_MAX_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = threads
+    env["TQDM_DISABLE"] = "1"  # tqdm bars would bury the error in the stderr tail
+    env.setdefault("MPLCONFIGDIR", str(workdir / "mpl"))  # scanpy imports matplotlib; HOME may be read-only
+    return env
+
+
+def _run_worker(
+    pred_path: Path, truth_path: Path, pert_col: str, control_label: str, profile: str, num_threads: int, workdir: Path
+) -> tuple[Path, dict]:
+    """Run :func:`_worker_main` in a fresh interpreter; return its output dir and ``worker.json``."""
+    outdir = workdir / "celleval"
+    stderr_path = workdir / "worker.stderr"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from perturb_repro.scoring.celleval import _worker_main; sys.exit(_worker_main(sys.argv[1:]))",
+        "--pred", str(pred_path),
+        "--truth", str(truth_path),
+        "--pert-col", pert_col,
+        "--control", control_label,
+        "--profile", profile,
+        "--threads", str(num_threads),
+        "--outdir", str(outdir),
+    ]  # fmt: skip
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_worker_env(num_threads, workdir), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"cell-eval worker failed (exit code {proc.returncode}) scoring {pred_path} against {truth_path}; "
+            f"stderr tail:\n{_tail(stderr_path)}"
+        )
+    info_path = outdir / "worker.json"
+    if not info_path.exists():
+        raise RuntimeError(f"cell-eval worker exited 0 without writing {info_path}; stderr tail:\n{_tail(stderr_path)}")
+    return outdir, json.loads(info_path.read_text())
+
+
+# --------------------------------------------------------------------------- result conversion
+
+
+def _read_celleval_csv(path: Path) -> pd.DataFrame:
+    """Read a CSV written by polars, keeping NaN as NaN and nulls (empty fields) as NaN too."""
+    if not path.exists():
+        raise RuntimeError(f"cell-eval did not write {path.name}")
+    # polars writes NaN as "NaN" and null as an empty field; both become NaN here
+    return pd.read_csv(path)
+
+
+def _per_condition_table(results: pd.DataFrame, expected_conditions: set[str]) -> pd.DataFrame:
+    """Check cell-eval's results.csv covers exactly the expected conditions and sort it."""
+    if CONDITION_COLUMN not in results.columns:
+        raise RuntimeError(f"cell-eval results.csv has no '{CONDITION_COLUMN}' column: {list(results.columns)}")
+    results = results.astype({CONDITION_COLUMN: str})
+    got = set(results[CONDITION_COLUMN])
+    if got != expected_conditions or results[CONDITION_COLUMN].duplicated().any():
+        raise RuntimeError(
+            f"cell-eval results.csv conditions {sorted(got)} do not match the predicted conditions "
+            f"{sorted(expected_conditions)}"
+        )
+    if results.shape[1] < 2:
+        raise RuntimeError("cell-eval results.csv holds no metric column")
+    return results.sort_values(CONDITION_COLUMN, kind="stable").reset_index(drop=True)
+
+
+def _metrics_table(agg: pd.DataFrame, per_condition: pd.DataFrame) -> pd.DataFrame:
+    """Transpose cell-eval's agg_results.csv (describe() rows x metric columns) to one row per metric."""
+    if "statistic" not in agg.columns:
+        raise RuntimeError(f"cell-eval agg_results.csv has no 'statistic' column: {list(agg.columns)}")
+    stats = agg.astype({"statistic": str}).set_index("statistic")
+    missing = [s for s in _DESCRIBE_ROWS if s != "null_count" and s not in stats.index]
+    if missing:
+        raise RuntimeError(f"cell-eval agg_results.csv lacks statistic row(s) {missing}; got {list(stats.index)}")
+    metric_names = [c for c in per_condition.columns if c != CONDITION_COLUMN]
+    if set(stats.columns) != set(metric_names):
+        raise RuntimeError(
+            f"cell-eval agg_results.csv metrics {sorted(stats.columns)} differ from results.csv {sorted(metric_names)}"
+        )
+    table = stats.loc[[s for s in _DESCRIBE_ROWS if s in stats.index], metric_names].T
+    table = table.rename(columns=_DESCRIBE_ROWS)
+    if "null_count" not in table.columns:
+        table["null_count"] = np.nan  # older cell-eval/polars: unknown, not zero
+    # polars' describe() counts NaN as present (only nulls are absent), so record the NaN count:
+    # pandas reads both NaN and null as NaN, hence missing-per-column minus cell-eval's null_count
+    table["nan_count"] = per_condition[metric_names].isna().sum().astype(float) - table["null_count"].fillna(0.0)
+    table.index.name = "metric"
+    return table.reset_index()[list(METRICS_COLUMNS)]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def score(
+    pred_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    pert_col: str,
+    control_label: str,
+    metrics_out: str | os.PathLike,
+    per_condition_out: str | os.PathLike,
+    profile: str = "full",
+    num_threads: int = 1,
+    workdir: str | os.PathLike | None = None,
+) -> None:
+    """Check a prediction against its truth file and score it with cell-eval.
+
+    Both outputs are written atomically; after any failure neither exists (stale copies from an
+    earlier run are removed first, so a failed run cannot leave old scores behind).
+
+    Args:
+        pred_path: ``predictions.h5ad`` (dense float32 ``.X``, conditions plus real controls).
+        truth_path: ``test_truth.h5ad`` (real test cells plus real control cells).
+        pert_col: ``obs`` column holding the condition label in both files.
+        control_label: Label of the control cells.
+        metrics_out: Path of ``metrics.csv`` (one row per metric, see :data:`METRICS_COLUMNS`).
+        per_condition_out: Path of ``per_condition.csv`` (one row per condition, one column per metric).
+        profile: cell-eval metric profile (``full``, ``minimal``, ``vcc``, ``de``, ``anndata``, ``pds``).
+        num_threads: Threads for cell-eval (pdex DE, numba, polars); must be >= 1.
+        workdir: Directory for cell-eval's scratch output; a fresh temporary directory inside it
+            (or in the system temp dir when ``None``) is used and removed afterwards.
+
+    Raises:
+        PipelineInputError: If an input file or argument breaks the contract.
+        RuntimeError: If the cell-eval worker fails (message holds its stderr tail) or its
+            output is not what this module expects.
+    """
+    pred_path, truth_path = Path(pred_path), Path(truth_path)
+    metrics_out, per_condition_out = Path(metrics_out), Path(per_condition_out)
+    _remove(metrics_out, per_condition_out)
+    if profile not in PROFILES:
+        raise PipelineInputError("score()", "profile", f"unknown cell-eval profile {profile!r}; expected one of {PROFILES}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise PipelineInputError("score()", "num_threads", f"must be an integer >= 1, got {num_threads!r}")
+    for path in (pred_path, truth_path):
+        if not path.is_file():
+            raise PipelineInputError(str(path), "file", "does not exist")
+
+    pred, truth = ad.read_h5ad(pred_path), ad.read_h5ad(truth_path)
+    check_prediction(pred, truth, pert_col, control_label, str(pred_path), str(truth_path))
+    conditions = set(truth.obs[pert_col].astype(str)) - {control_label}
+    # free both matrices before the worker loads its own copies, so peak memory is not doubled
+    del pred, truth
+
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="celleval.", dir=workdir))
+    try:
+        start = time.perf_counter()
+        outdir, info = _run_worker(
+            pred_path.resolve(), truth_path.resolve(), pert_col, control_label, profile, num_threads, scratch
+        )
+        logger.info(
+            "cell-eval (%s) scored %s in %.1f s (%.1f s with process start-up)",
+            profile, pred_path, info.get("seconds", math.nan), time.perf_counter() - start,
+        )  # fmt: skip
+        if info.get("metric_errors"):
+            # cell-eval skips a metric that raises; it is then absent from the outputs, never 0
+            logger.warning("cell-eval could not compute some metrics for %s: %s", pred_path, info["metric_errors"])
+        per_condition = _per_condition_table(_read_celleval_csv(outdir / "results.csv"), conditions)
+        metrics = _metrics_table(_read_celleval_csv(outdir / "agg_results.csv"), per_condition)
+        try:
+            write_csv(metrics, metrics_out, index=False)
+            write_csv(per_condition, per_condition_out, index=False)
+        except BaseException:
+            _remove(metrics_out, per_condition_out)  # both or neither
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a ``metrics.csv`` written by :func:`score`.
+
+    Args:
+        path: The CSV file.
+
+    Returns:
+        DataFrame indexed by metric name with the statistic columns (``count``, ``mean``, ``std``,
+        ``min``, ``q25``, ``median``, ``q75``, ``max``, and ``null_count``/``nan_count`` when present);
+        empty cells are NaN. ``attrs["source"]`` holds the path for error messages.
+
+    Raises:
+        PipelineInputError: If the file is missing, lacks a required column, or repeats a metric.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineInputError(str(path), "file", "does not exist")
+    frame = pd.read_csv(path)
+    missing = [c for c in REQUIRED_METRICS_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineInputError(str(path), "columns", f"missing required column(s) {missing}; has {list(frame.columns)}")
+    frame["metric"] = frame["metric"].astype(str)
+    dup = frame["metric"][frame["metric"].duplicated()]
+    if len(dup):
+        raise PipelineInputError(str(path), "metric", f"repeated metric(s): {sorted(set(dup))}")
+    frame = frame.set_index("metric")
+    frame = frame.apply(pd.to_numeric, errors="coerce")  # a stray string must not pass as a number
+    frame.attrs["source"] = str(path)
+    return frame
+
+
+def metric_value(frame: pd.DataFrame, metric: str, statistic: str = "mean") -> float:
+    """Look up one statistic of one metric in a :func:`read_metrics` frame.
+
+    Args:
+        frame: Frame from :func:`read_metrics`.
+        metric: Metric name, e.g. ``"pearson_delta"``.
+        statistic: Column, e.g. ``mean``, ``median``, ``std``, ``min``, ``max``, ``q25``, ``q75``,
+            ``count`` (``25%``/``50%``/``75%`` are accepted as aliases).
+
+    Returns:
+        The value as a float; NaN is returned as NaN (never replaced).
+
+    Raises:
+        PipelineInputError: If the metric or the statistic is not in the frame.
+    """
+    source = frame.attrs.get("source", "metrics table")
+    column = _STAT_ALIASES.get(statistic, statistic)
+    if column not in frame.columns:
+        raise PipelineInputError(source, "statistic", f"unknown statistic {statistic!r}; available: {list(frame.columns)}")
+    if metric not in frame.index:
+        raise PipelineInputError(source, "metric", f"unknown metric {metric!r}; available: {sorted(frame.index)}")
+    return float(frame.at[metric, column])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code.
+
+    Exit codes: 0 success, 2 contract violation (message on stderr, no traceback),
+    1 cell-eval failure.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m perturb_repro.scoring.celleval", description="Score predictions with cell-eval."
+    )
+    parser.add_argument("--pred", required=True, help="predictions.h5ad")
+    parser.add_argument("--truth", required=True, help="test_truth.h5ad")
+    parser.add_argument("--pert-col", required=True, help="obs column with the condition label")
+    parser.add_argument("--control", required=True, help="control label in --pert-col")
+    parser.add_argument("--metrics-out", required=True, help="output metrics.csv")
+    parser.add_argument("--per-condition-out", required=True, help="output per_condition.csv")
+    parser.add_argument("--profile", default="full", choices=PROFILES)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        score(
+            args.pred, args.truth, args.pert_col, args.control, args.metrics_out, args.per_condition_out,
+            profile=args.profile, num_threads=args.threads, workdir=args.workdir,
+        )  # fmt: skip
+    except PipelineInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
