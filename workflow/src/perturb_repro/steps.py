@@ -103,7 +103,7 @@ def predict_step(
     conditions = sorted(set(truth_adata.obs[CONDITION]) - {control_label})
     control = truth_adata[truth_adata.obs[IS_CONTROL].to_numpy()].copy()
     context = _context(dataset, truth_adata, pca, esm2, int(sampling.get("seed", 0)))
-    n_cells = int(sampling["n_cells_per_condition"])
+    n_cells = int(sampling["n_cells_per_condition"])  # generative models; baselines return the control set
     started = time.time()
     cells = get_model(model_cfg["type"]).sample(
         Path(checkpoint_dir), conditions, control, n_cells, context, params, sampling
@@ -112,10 +112,10 @@ def predict_step(
     blocks, labels = [], []
     for condition in conditions:
         x = np.asarray(cells[condition], dtype=np.float32)
-        if x.shape != (n_cells, truth_adata.n_vars):
-            raise ValueError(f"model returned shape {x.shape} for '{condition}', expected {(n_cells, truth_adata.n_vars)}")
+        if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
+            raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
         blocks.append(x)
-        labels += [condition] * n_cells
+        labels += [condition] * x.shape[0]
     blocks.append(np.asarray(control.X, dtype=np.float32))
     labels += [control_label] * control.n_obs
     obs = pd.DataFrame({CONDITION: labels}, index=[f"pred_{i}" for i in range(len(labels))])

@@ -46,7 +46,8 @@ class PerturbationModel(Protocol):
         params: Mapping[str, Any],
         sampling: Mapping[str, Any],
     ) -> dict[str, np.ndarray]:
-        """Return gene-space cells (log scale, >= 0) per condition, ``n_cells`` rows each."""
+        """Return gene-space cells (log scale, >= 0) per condition: ``n_cells`` rows for generative
+        models; baselines may return the control set (so their means are exact)."""
         ...
 
 

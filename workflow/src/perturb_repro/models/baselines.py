@@ -40,33 +40,45 @@ def _load_means(checkpoint_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]
         return data["control_mean"], dict(zip(data["genes"].tolist(), data["shifts"]))
 
 
+def _control_cells(control: ad.AnnData) -> np.ndarray:
+    return dense(control[control.obs[IS_CONTROL].to_numpy()].X)
+
+
 class ControlMean:
-    """Predicts no effect: every cell of every condition is the train control mean."""
+    """Predicts no effect: each condition's cells are the real control cells, unchanged.
+
+    Their mean is the control mean exactly, so the predicted delta is exactly zero and cell-eval's
+    pearson_delta is undefined (NaN) for this baseline, as it should be; rounding noise from a
+    recomputed mean would instead give a meaningless correlation.
+    """
 
     def fit(self, train, val, context: ModelContext, params, checkpoint_dir: Path) -> None:
         _fit_means(train, checkpoint_dir, "control_mean")
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
-        control_mean, _ = _load_means(Path(checkpoint_dir))
-        return {c: np.tile(control_mean, (n_cells, 1)).astype(np.float32) for c in conditions}
+        cells = _control_cells(control)
+        return {c: cells for c in conditions}
 
 
 class Additive:
-    """Control mean plus the sum of each perturbed gene's single-perturbation shift seen in train.
+    """Control cells shifted by the sum of each perturbed gene's single-perturbation mean shift in train.
 
     A gene never perturbed alone in train contributes no shift (GEARS' unseen genes), so an unseen
-    single gene is predicted as the control mean.
+    single gene is predicted as the control cells themselves (pearson_delta undefined there).
     """
 
     def fit(self, train, val, context: ModelContext, params, checkpoint_dir: Path) -> None:
         _fit_means(train, checkpoint_dir, "additive")
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
-        control_mean, shifts = _load_means(Path(checkpoint_dir))
-        zero = np.zeros_like(control_mean)
+        _, shifts = _load_means(Path(checkpoint_dir))
+        cells = _control_cells(control)
         out = {}
         for condition in conditions:
-            shift = sum((shifts.get(g, zero) for g in genes_of(condition, context.control_label)), zero)
+            known = [shifts[g] for g in genes_of(condition, context.control_label) if g in shifts]
+            if not known:
+                out[condition] = cells
+                continue
             # log-expression cannot be negative: clip, as every gene-space prediction here is
-            out[condition] = np.tile(np.clip(control_mean + shift, 0.0, None), (n_cells, 1)).astype(np.float32)
+            out[condition] = np.clip(cells + np.sum(known, axis=0), 0.0, None).astype(np.float32)
         return out

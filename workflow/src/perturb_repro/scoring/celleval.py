@@ -142,14 +142,15 @@ def _run_worker(
         sys.executable,
         "-c",
         "import sys; from perturb_repro.scoring.celleval import _worker_main; sys.exit(_worker_main(sys.argv[1:]))",
-        "--pred", str(pred_path),
-        "--truth", str(truth_path),
-        "--pert-col", pert_col,
-        "--control", control_label,
-        "--profile", profile,
-        "--threads", str(num_threads),
-        "--outdir", str(outdir),
-    ]  # fmt: skip
+        # "--flag=value" so a label that starts with "-" is not mistaken for an option
+        f"--pred={pred_path}",
+        f"--truth={truth_path}",
+        f"--pert-col={pert_col}",
+        f"--control={control_label}",
+        f"--profile={profile}",
+        f"--threads={num_threads}",
+        f"--outdir={outdir}",
+    ]
     with open(stderr_path, "wb") as err:
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_worker_env(num_threads, workdir), check=False)
     if proc.returncode != 0:
@@ -166,19 +167,29 @@ def _run_worker(
 # --------------------------------------------------------------------------- result conversion
 
 
-def _read_celleval_csv(path: Path) -> pd.DataFrame:
-    """Read a CSV written by polars, keeping NaN as NaN and nulls (empty fields) as NaN too."""
+def _read_celleval_csv(path: Path, label_column: str) -> pd.DataFrame:
+    """Read a CSV cell-eval wrote with polars: labels verbatim, metric NaN and null both as NaN.
+
+    Condition labels are kept as strings exactly (pandas would turn "01" into 1 and "NA" into
+    NaN); in metric columns polars writes NaN as "NaN" and null as an empty field.
+    """
     if not path.exists():
         raise RuntimeError(f"cell-eval did not write {path.name}")
-    # polars writes NaN as "NaN" and null as an empty field; both become NaN here
-    return pd.read_csv(path)
+    header = pd.read_csv(path, nrows=0).columns
+    if label_column not in header:
+        raise RuntimeError(f"cell-eval {path.name} has no '{label_column}' column: {list(header)}")
+    na_values = {c: ["", "NaN", "nan", "null"] for c in header if c != label_column}
+    frame = pd.read_csv(path, dtype={label_column: str}, keep_default_na=False, na_values=na_values)
+    metric_columns = [c for c in frame.columns if c != label_column]
+    try:
+        frame[metric_columns] = frame[metric_columns].astype(float)
+    except ValueError as err:
+        raise RuntimeError(f"cell-eval {path.name} has a non-numeric metric value: {err}") from err
+    return frame
 
 
 def _per_condition_table(results: pd.DataFrame, expected_conditions: set[str]) -> pd.DataFrame:
     """Check cell-eval's results.csv covers exactly the expected conditions and sort it."""
-    if CONDITION_COLUMN not in results.columns:
-        raise RuntimeError(f"cell-eval results.csv has no '{CONDITION_COLUMN}' column: {list(results.columns)}")
-    results = results.astype({CONDITION_COLUMN: str})
     got = set(results[CONDITION_COLUMN])
     if got != expected_conditions or results[CONDITION_COLUMN].duplicated().any():
         raise RuntimeError(
@@ -192,9 +203,7 @@ def _per_condition_table(results: pd.DataFrame, expected_conditions: set[str]) -
 
 def _metrics_table(agg: pd.DataFrame, per_condition: pd.DataFrame) -> pd.DataFrame:
     """Transpose cell-eval's agg_results.csv (describe() rows x metric columns) to one row per metric."""
-    if "statistic" not in agg.columns:
-        raise RuntimeError(f"cell-eval agg_results.csv has no 'statistic' column: {list(agg.columns)}")
-    stats = agg.astype({"statistic": str}).set_index("statistic")
+    stats = agg.set_index("statistic")
     missing = [s for s in _DESCRIBE_ROWS if s != "null_count" and s not in stats.index]
     if missing:
         raise RuntimeError(f"cell-eval agg_results.csv lacks statistic row(s) {missing}; got {list(stats.index)}")
@@ -288,8 +297,8 @@ def score(
         if info.get("metric_errors"):
             # cell-eval skips a metric that raises; it is then absent from the outputs, never 0
             logger.warning("cell-eval could not compute some metrics for %s: %s", pred_path, info["metric_errors"])
-        per_condition = _per_condition_table(_read_celleval_csv(outdir / "results.csv"), conditions)
-        metrics = _metrics_table(_read_celleval_csv(outdir / "agg_results.csv"), per_condition)
+        per_condition = _per_condition_table(_read_celleval_csv(outdir / "results.csv", CONDITION_COLUMN), conditions)
+        metrics = _metrics_table(_read_celleval_csv(outdir / "agg_results.csv", "statistic"), per_condition)
         try:
             write_csv(metrics, metrics_out, index=False)
             write_csv(per_condition, per_condition_out, index=False)
