@@ -17,7 +17,7 @@ from .data.pca import PCABasis, fit_pca
 from .data.preprocess import SPLIT, preprocess, summary
 from .data.source import CONDITION, IS_CONTROL, load_source
 from .data.split import make_split
-from .data.truth import test_truth
+from .data.truth import build_test_truth
 from .errors import PipelineInputError
 from .io import write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
@@ -54,7 +54,7 @@ def pca_step(processed: str, dataset_cfg: Mapping[str, Any], out_npz: str) -> No
 
 
 def truth_step(processed: str, out_h5ad: str) -> None:
-    write_h5ad(test_truth(ad.read_h5ad(processed)), out_h5ad)
+    write_h5ad(build_test_truth(ad.read_h5ad(processed)), out_h5ad)
 
 
 def _context(dataset: str, adata: ad.AnnData, pca: str, esm2: str | None, seed: int) -> ModelContext:

@@ -9,7 +9,7 @@ from .preprocess import SPLIT
 from .source import IS_CONTROL
 
 
-def test_truth(processed: ad.AnnData) -> ad.AnnData:
+def build_test_truth(processed: ad.AnnData) -> ad.AnnData:
     keep = (processed.obs[SPLIT] == "test") | processed.obs[IS_CONTROL]
     truth = processed[keep].copy()
     truth.X = dense(truth.X)

@@ -1,0 +1,106 @@
+"""Config: both shipped configs validate; bad keys stop the DAG at parse time naming the key;
+the paper preset carries the CellFlow-Norman card verbatim."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from perturb_repro.config import model_params
+from workflow_helpers import REPO, copy_repo, snakemake
+
+CARD = REPO.parent / "shared" / "seeds" / "cellflow_norman_card.txt"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("repo"))
+
+
+def _with(scratch: Path, name: str, edit) -> str:
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    edit(config)
+    path = scratch / "config" / name
+    path.write_text(yaml.safe_dump(config))
+    return f"config/{name}"
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/demo.yaml"])
+def test_shipped_configs_validate(scratch, configfile):
+    result = snakemake(scratch, "-n", "all", "--configfile", configfile)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name,edit,expected",
+    [
+        ("unknown_key.yaml", lambda c: c["sampling"].update(stpes=10), "stpes"),
+        ("missing_field.yaml", lambda c: c["datasets"]["norman_demo"].pop("control_label"), "control_label"),
+        ("wrong_type.yaml", lambda c: c["sampling"].update(steps="many"), "many"),
+        ("unknown_model.yaml", lambda c: c["datasets"]["norman_demo"]["models"].append("scgpt"), "scgpt"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(scratch, name, edit, expected):
+    result = snakemake(scratch, "-n", "all", "--configfile", _with(scratch, name, edit))
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+
+
+def test_demo_config_replaces_paper_config(scratch):
+    """--configfile must not merge the paper datasets into the demo."""
+    result = snakemake(scratch, "-n", "all", "--configfile", "config/demo.yaml")
+    assert "results/norman/" not in result.stdout
+
+
+def test_norman_target_plans_exactly_its_chain(scratch):
+    result = snakemake(scratch, "-n", "results/norman/cellflow/metrics.csv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rules = set(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
+    assert rules == {
+        "download_source", "download_sequences", "split_conditions", "preprocess_dataset", "fit_pca",
+        "test_truth", "embed_genes", "train_model", "sample_model", "score_predictions",
+    }
+    assert "norman_demo" not in result.stdout
+
+
+@pytest.mark.skipif(not CARD.exists(), reason="seeds are outside this checkout")
+def test_paper_preset_is_the_card_verbatim():
+    text = CARD.read_text()
+    paper = model_params({"type": "cellflow", "preset": "paper"})
+    model, training = paper["model"], paper["training"]
+
+    def card_int(label):
+        return int(re.search(rf"{label}\s+([\d,]+)", text).group(1).replace(",", ""))
+
+    assert paper["solver"] == "otfm"
+    assert model["condition_embedding_dim"] == int(re.search(r"condition_embedding_dim=(\d+)", text).group(1))
+    for key in ("hidden_dims", "decoder_dims", "time_encoder_dims"):
+        dims = re.search(rf"{key}=\(([\d,]+)\)", text).group(1)
+        assert model[key] == [int(d) for d in dims.split(",")]
+    assert model["decoder_dropout"] == float(re.search(r"decoder_dropout=([\d.]+)", text).group(1))
+    assert model["time_freqs"] == int(re.search(r"time_freqs=(\d+)", text).group(1))
+    assert model["cond_output_dropout"] == float(re.search(r"cond_output_dropout=([\d.]+)", text).group(1))
+    before = re.search(r"layers_before_pool\.target_gene = mlp\[(\d+),(\d+)\] dropout ([\d.]+)", text)
+    assert model["layers_before_pool"]["target_gene"] == {
+        "layer_type": "mlp", "dims": [int(before[1]), int(before[2])], "dropout_rate": float(before[3])
+    }
+    after = re.search(r"layers_after_pool = mlp\[(\d+),(\d+)\] dropout ([\d.]+)", text)
+    assert model["layers_after_pool"] == {
+        "layer_type": "mlp", "dims": [int(after[1]), int(after[2])], "dropout_rate": float(after[3])
+    }
+    match = re.search(r"epsilon=([\d.]+), scale_cost='(\w+)', tau_a=([\d.]+), tau_b=([\d.]+)", text)
+    assert model["match_fn"] == {
+        "epsilon": float(match[1]), "scale_cost": match[2], "tau_a": float(match[3]), "tau_b": float(match[4])
+    }
+    opt = re.search(r"optax\.adam\(([\de.-]+)\), (\d+)\)", text)
+    assert model["optimizer"] == {"learning_rate": float(opt[1]), "every_k_schedule": int(opt[2])}
+    assert model["probability_path"] == {"constant_noise": float(re.search(r"'constant_noise': ([\d.]+)", text)[1])}
+    assert model["pooling"] == re.search(r"pooling = '(\w+)'", text)[1]
+    assert training["num_iterations"] == card_int("iterations")
+    assert training["batch_size"] == card_int("batch size")
+    assert training["valid_freq"] == card_int("valid_freq")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert config["datasets"]["norman"]["pca"]["n_components"] == int(re.search(r"(\d+)-dim PCA", text)[1])
+    assert config["datasets"]["norman"]["split"]["seed"] == int(re.search(r"simulation split with seed (\d+)", text)[1])
+    assert config["esm2"]["model"].endswith(re.search(r"\((facebook/esm2_\w+)\)", text)[1].split("/")[1])
