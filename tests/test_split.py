@@ -22,9 +22,9 @@ def test_seed_42_counts_on_demo(demo_split):
         ("test", "combo_seen1"): 5,
         ("test", "combo_seen2"): 3,
         ("test", "unseen_single"): 5,
-        ("train", ""): 15,
+        ("train", ""): 14,
         ("train", "control"): 1,
-        ("val", "combo_seen1"): 2,
+        ("val", "combo_seen1"): 3,
         ("val", "combo_seen2"): 1,
         ("val", "unseen_single"): 1,
     }

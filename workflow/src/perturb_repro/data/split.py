@@ -1,7 +1,8 @@
 """Condition-level splits. The GEARS simulation split is a faithful port of GEARS' DataSplitter.
 
 GEARS (snap-stanford/GEARS, ``gears/data_utils.py``: ``DataSplitter.split_data`` and
-``get_simulation_split``) draws with the global NumPy RNG re-seeded at the start of each call.
+``get_simulation_split``) draws with the global NumPy RNG, re-seeded at the start of each call and
+again right before the combo_seen2 draw.
 The port keeps every draw in the same order with the same arguments, so for the same condition
 labels and seed it returns the same split; sorted inputs (``np.unique``/``np.setdiff1d``) make it
 independent of the order conditions appear in the file.
@@ -55,6 +56,9 @@ def gears_simulation_split(
     test = list(combo_seen1)
 
     combos_seen2_pool = np.setdiff1d(combos, combo_seen1)
+    # GEARS re-seeds here too (``np.random.seed(seed=seed)`` right before this draw), so the
+    # combo_seen2 draw does not continue the RNG stream of the train-gene draw.
+    np.random.seed(seed)
     combo_train = np.random.choice(
         combos_seen2_pool, int(len(combos_seen2_pool) * combo_seen2_train_frac), replace=False
     )
