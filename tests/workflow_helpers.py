@@ -14,7 +14,7 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 def copy_repo(dest: Path) -> Path:
     """The workflow's own files only (no results, no venv), so a run starts from nothing."""
     shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
-    for part in ("workflow", "config", "resources"):
+    for part in ("workflow", "config", "resources", "envs"):
         shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "raw"))
     return dest
 
