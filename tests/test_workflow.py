@@ -33,7 +33,7 @@ def test_every_demo_output_exists(demo_run):
     for name in ("split.csv", "processed.h5ad", "pca.npz", "esm2.npz", "test_truth.h5ad", "summary.json"):
         assert (results / "norman_demo" / name).stat().st_size > 0
     for model in MODELS:
-        for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv"):
+        for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv", "provenance.json"):
             assert (results / "norman_demo" / model / name).stat().st_size > 0
         assert (results / "norman_demo" / model / "checkpoint" / "config_used.json").exists()
         assert (demo_run / "benchmarks" / "train" / "norman_demo" / f"{model}.tsv").exists()
@@ -87,3 +87,15 @@ def test_rerun_is_a_no_op_and_one_table_rebuilds_alone(demo_run):
     (demo_run / "results/tables/cellflow_norman.md").unlink()
     plan = snakemake(demo_run, "-n", "results/tables/cellflow_norman.md", "--configfile", "config/demo.yaml")
     assert set(re.findall(r"^rule (\w+):", plan.stdout, flags=re.M)) == {"paper_table"}
+
+
+@pytest.mark.slow
+def test_provenance_manifest(demo_run):
+    import json
+
+    manifest = json.loads((demo_run / "results/norman_demo/cellflow/provenance.json").read_text())
+    raw = "resources/demo/perturbench_devel.h5ad"
+    assert manifest["inputs_sha256"][raw] == "220998f5630c813228c8661c86dd52244b9ac87127511289af90e0d900d8429b"
+    assert manifest["settings"]["params"]["training"]["num_iterations"] == 1500
+    assert manifest["packages"]["cellflow-tools"] == "0.0.6"
+    assert manifest["wall_seconds"]["train/cellflow"] > 0

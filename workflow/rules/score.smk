@@ -22,3 +22,34 @@ rule score_predictions:
         ENV
     script:
         "../scripts/score_predictions.py"
+
+
+rule provenance:
+    input:
+        raw=lambda w: raw_path(w.dataset),
+        processed="results/{dataset}/processed.h5ad",
+        pca="results/{dataset}/pca.npz",
+        checkpoint="results/{dataset}/{model}/checkpoint",
+        predictions="results/{dataset}/{model}/predictions.h5ad",
+        metrics="results/{dataset}/{model}/metrics.csv",
+    output:
+        "results/{dataset}/{model}/provenance.json",
+    params:
+        settings=lambda w: {
+            "dataset": dataset_cfg(w.dataset),
+            "model": model_cfg(w.model),
+            "params": params_of(w.model),
+            "sampling": config["sampling"],
+            "scoring": config["scoring"],
+            "esm2": config["esm2"],
+        },
+        seed=config["sampling"].get("seed", 0),
+        benchmarks=lambda w: [
+            f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv" for stage in ("train", "sample", "score")
+        ],
+    log:
+        "logs/provenance/{dataset}/{model}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/provenance.py"

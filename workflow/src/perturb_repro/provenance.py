@@ -39,3 +39,51 @@ def collect_provenance(configfiles: Iterable[str], sources: Mapping[str, Any], s
         "code version (git)": code_version(),
         "packages": package_versions(),
     }
+
+
+def _device() -> str:
+    try:
+        import jax
+
+        return ",".join(sorted({d.platform for d in jax.devices()}))
+    except Exception:  # JAX absent or broken: the job ran on CPU as far as we can tell
+        return "cpu"
+
+
+def _benchmark_seconds(paths: Iterable[str]) -> dict[str, float]:
+    """Wall seconds of each job from its Snakemake benchmark file (first column ``s``)."""
+    out = {}
+    for path in paths:
+        p = Path(path)
+        if p.exists():
+            lines = p.read_text().splitlines()
+            if len(lines) > 1:
+                out[p.parent.parent.name + "/" + p.stem] = float(lines[-1].split("\t")[0])
+    return out
+
+
+def run_manifest(
+    inputs: Mapping[str, Iterable[str] | str],
+    settings: Mapping[str, Any],
+    seed: int,
+    benchmarks: Iterable[str],
+) -> dict:
+    """Everything needed to trust or redo one (dataset, model) result."""
+    digests: dict[str, str] = {}
+    for role, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else list(paths):
+            p = Path(path)
+            files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+            for f in files:
+                digests[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    settings_json = json.dumps(settings, sort_keys=True, default=str)
+    return {
+        "inputs_sha256": digests,
+        "settings": json.loads(settings_json),
+        "settings_sha256": hashlib.sha256(settings_json.encode()).hexdigest(),
+        "code_version": code_version(),
+        "packages": package_versions(),
+        "seed": seed,
+        "device": _device(),
+        "wall_seconds": _benchmark_seconds(benchmarks),
+    }
