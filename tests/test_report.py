@@ -233,3 +233,25 @@ def test_pca_rejects_gene_mismatch(fixture_files: dict[str, Path], tmp_path: Pat
     with pytest.raises(PipelineInputError) as info:
         pca_predicted_vs_real(tmp_path / "other.h5ad", fixture_files["truth"], fixture_files["pca"], ["GENE_A"], "ctrl")
     assert info.value.field == "var_names"
+
+
+def test_report_shows_claim_audit_with_coloured_verdicts(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.csv"
+    pd.DataFrame(
+        {
+            "dataset": ["sciplex3", "norman"], "metric": ["DA", "cos"], "variant": ["Path B", ""],
+            "reported": ["0.700", "0.512"], "status": ["backed (a.json:metric_da.x)", "differs by +0.002 (b.json:cos)"],
+            "verdict": ["backed", "differs"], "expected": ["backed", "differs by ~0.002"], "agrees_with_card": ["True", "True"],
+        }
+    ).to_csv(audit, index=False)
+    out = tmp_path / "report.html"
+    build_report(out, [], [], {"config": "x"}, audits=[(audit, "scFATE Table 1 audit")])
+    html = out.read_text()
+    assert "scFATE Table 1 audit" in html
+    assert '<td class="status status-match">backed (a.json:metric_da.x)</td>' in html
+    assert '<td class="status status-mismatch">differs by +0.002 (b.json:cos)</td>' in html
+    assert "Audit summary: backed 1, differs 1" in html
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"dataset": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(PipelineInputError, match="bad.csv"):
+        build_report(tmp_path / "r2.html", [], [], {}, audits=[(bad, "t")])

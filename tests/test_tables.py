@@ -274,3 +274,109 @@ def test_cli_writes_outputs_and_rejects_bad_input(status_setup, tmp_path: Path, 
     bad_metrics = argv + ["--metrics", "no_colon=path"]
     assert main(bad_metrics) == 2
     assert "RUN_DATASET:MODEL" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema additions: blank cells, reported_std, assumptions (all optional, backwards compatible)
+
+BLANK_CELLS = """\
+  - {dataset: paper_ds, model: m, metric: pearson_delta, statistic: mean, reported: "0.5630", reported_std: "0.012"}
+  - {dataset: paper_ds, model: m, metric: mse, statistic: mean, reported: "", blank: true}
+  - {dataset: paper_ds, model: m, metric: mae, statistic: mean, reported: "N/A", blank: true}
+  - {dataset: paper_ds, model: m, metric: overlap_at_N, statistic: mean, reported: "", blank: true}
+  - {dataset: missing_ds, model: m, metric: mse, statistic: mean, reported: "", blank: true}
+"""
+
+ASSUMPTIONS = """\
+assumptions:
+  - claim: "This is Table 7."
+    evidence: "Seventh in document order; columns MMD GEX | DEG recall."
+"""
+
+
+def test_blank_cells_are_recorded_not_compared(tmp_path: Path) -> None:
+    spec = load_table_spec(_write_spec(tmp_path, BLANK_CELLS, SPEC_HEADER + ASSUMPTIONS))
+    assert [c.blank for c in spec.cells] == [False, True, True, True, True]
+    assert [c.reported for c in spec.cells] == ["0.5630", "", "N/A", "", ""]  # printed text verbatim
+    assert spec.cells[0].reported_std == "0.012" and spec.cells[1].reported_std is None
+    assert math.isnan(spec.cells[1].reported_value) and spec.cells[1].decimals == 0
+    assert len(spec.blank_cells) == 4
+    assert [(a.claim, a.evidence) for a in spec.assumptions] == [
+        ("This is Table 7.", "Seventh in document order; columns MMD GEX | DEG recall.")
+    ]
+
+    metrics = _write_metrics(
+        tmp_path / "paper" / "metrics.csv",
+        {"pearson_delta": {"mean": 0.56304}, "mse": {"mean": 0.0123456789}, "mae": {"mean": 0.5}},
+    )
+    frame = reproduce_table(
+        spec, {("run_paper", "m"): str(metrics)}, {"run_paper": "paper"}, {"paper_ds": "run_paper", "missing_ds": "run_missing"}
+    )
+    assert frame["status"].tolist() == ["match", "not-comparable", "not-comparable", "not-comparable", "not-run"]
+    assert frame["reported"].tolist() == ["0.5630", "(blank)", "(N/A)", "(blank)", "(blank)"]
+    # our value is shown for information; no difference is computed against a blank
+    assert frame.loc[1, "reproduced"] == pytest.approx(0.0123456789)
+    assert frame["difference"].iloc[1:].isna().all()
+    assert math.isnan(frame.loc[3, "reproduced"])  # metric absent: still NaN, never 0
+
+    csv_path, md_path = tmp_path / "out" / "t.csv", tmp_path / "out" / "t.md"
+    write_table(frame, csv_path, md_path, spec)
+    # the labels survive pandas' NA parsing ("" and "N/A" would come back as NaN)
+    back = pd.read_csv(csv_path, dtype={"reported": str})
+    assert back["reported"].tolist() == frame["reported"].tolist()
+    md = md_path.read_text()
+    assert "4 of 5 cells are blank in the source" in md
+    assert "This is Table 7. Evidence: Seventh in document order; columns MMD GEX \\| DEG recall." in md
+    blank_row = next(line for line in md.splitlines() if line.startswith("| paper_ds") and "| mse |" in line)
+    assert "| (blank) | 0.0123457 | n/a | not-comparable |" in blank_row  # 6 significant digits, no printed precision
+
+
+def test_blank_cells_at_demo_scale_and_format_value() -> None:
+    from perturb_repro.tables.paper_table import format_value
+
+    assert format_value(0.0123456789, "(blank)") == "0.0123457"
+    assert format_value(0.0123456789, "(N/A)", signed=True) == "+0.0123457"
+    assert format_value(float("nan"), "(blank)") == "n/a"
+    assert format_value(0.56304, "0.5630") == "0.563040"  # numeric cells unchanged
+
+
+@pytest.mark.parametrize(
+    ("cell", "field", "message"),
+    [
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: ""}', "cells[0].reported", "blank: true"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "0.5", blank: true}', "cells[0].reported", "is a number"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "", blank: yes_please}', "cells[0].blank", "true or false"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "", blank: true, tolerance: 0.1}', "cells[0].tolerance", "blank"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "", blank: true, reported_std: "0.1"}', "cells[0].reported_std", "blank"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "0.5", reported_std: 0.1}', "cells[0].reported_std", "quoted"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "0.5", reported_std: "-0.1"}', "cells[0].reported_std", "non-negative"),
+        ('{dataset: d, model: m, metric: a, statistic: mean, reported: "N/A"}', "cells[0].reported", "fixed-point"),
+    ],
+)
+def test_bad_blank_and_std_cells(tmp_path: Path, cell: str, field: str, message: str) -> None:
+    path = _write_spec(tmp_path, f"  - {cell}\n")
+    with pytest.raises(PipelineInputError, match=message) as info:
+        load_table_spec(path)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ("assumptions: just a string\n", "assumptions"),
+        ("assumptions:\n  - a bare string\n", "assumptions[0]"),
+        ('assumptions:\n  - {claim: "c"}\n', "assumptions[0].evidence"),
+        ('assumptions:\n  - {claim: "c", evidence: "e", source: "x"}\n', "assumptions[0].source"),
+    ],
+)
+def test_bad_assumptions(tmp_path: Path, block: str, field: str) -> None:
+    path = _write_spec(tmp_path, '  - {dataset: d, model: m, metric: a, statistic: mean, reported: "1"}\n', SPEC_HEADER + block)
+    with pytest.raises(PipelineInputError) as info:
+        load_table_spec(path)
+    assert info.value.field == field
+
+
+def test_spec_without_additions_is_unchanged() -> None:
+    spec = load_table_spec(SPEC_PATH)
+    assert spec.assumptions == () and spec.blank_cells == ()
+    assert all(not c.blank and c.reported_std is None and c.reported_label == c.reported for c in spec.cells)

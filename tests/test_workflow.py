@@ -71,6 +71,8 @@ def test_paper_table_is_not_comparable_at_demo_scale(demo_run):
     assert set(table["status"]) == {"not-comparable"}
     assert table["reproduced"].notna().all()
     assert "not-comparable" in (demo_run / "results/tables/cellflow_norman.md").read_text()
+    audit = pd.read_csv(demo_run / "results/tables/scfate_table1.csv")
+    assert len(audit) == 8 and set(audit["verdict"]) == {"unverifiable"}  # no saved logs shipped
 
 
 @pytest.mark.slow

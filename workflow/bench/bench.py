@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workflow" / "src"))
 
 DATASET = "norman_demo"
-DAG_PARTS = ("Snakefile", "workflow", "config", "resources")
+# envs/ too: every rule's `conda:` directive names envs/pipeline.yaml and Snakemake records it in the job
+# metadata even without --use-conda (a copy without it fails after the first job).
+DAG_PARTS = ("Snakefile", "workflow", "config", "resources", "envs")
 DAG_IGNORE = shutil.ignore_patterns("results", ".venv", ".git", ".snakemake", "__pycache__", "*.pyc")
 
 

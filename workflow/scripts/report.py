@@ -14,4 +14,7 @@ with logged(snakemake):
     ]
     tables = [(csv, csv[: -len(".csv")] + ".md") for csv in inp.tables]
     provenance = collect_provenance(snakemake.params.configfiles, snakemake.params.sources, inp.summaries)
-    build_report(snakemake.output[0], tables, runs, provenance, n_pca_conditions=snakemake.params.pca_conditions)
+    build_report(
+        snakemake.output[0], tables, runs, provenance, n_pca_conditions=snakemake.params.pca_conditions,
+        audits=[(inp.audit, "scFATE Table 1 audit: which saved log backs each printed number")],
+    )

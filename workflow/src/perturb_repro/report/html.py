@@ -208,6 +208,35 @@ def _table_section(frame: pd.DataFrame, title: str, source: str | None, anchor: 
     )
 
 
+# Audit verdicts coloured like the table statuses they correspond to.
+_AUDIT_VERDICT_STATUS = {"backed": "match", "differs": "mismatch", "unverifiable": "unverifiable"}
+_AUDIT_COLUMNS = ["dataset", "metric", "variant", "reported", "status", "expected", "agrees_with_card"]
+
+
+def _audit_section(csv_path: PathLike, title: str, anchor: str) -> str:
+    """A claim audit (e.g. scFATE Table 1): which saved log backs each printed number, if any."""
+    src = str(csv_path)
+    if not _present(csv_path):
+        raise PipelineInputError(src, "<file>", "audit CSV does not exist")
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    missing = [c for c in _AUDIT_COLUMNS + ["verdict"] if c not in frame.columns]
+    if missing:
+        raise PipelineInputError(src, missing[0], "column is missing")
+    rows = []
+    for record in frame.to_dict("records"):
+        css = "status status-" + _AUDIT_VERDICT_STATUS.get(record["verdict"], "unverifiable")
+        cells = [f"<td>{_e(record[c] or 'n/a')}</td>" for c in _AUDIT_COLUMNS if c != "status"]
+        cells.insert(4, f'<td class="{_e(css)}">{_e(record["status"])}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    counts = frame["verdict"].value_counts().to_dict()
+    return (
+        f'<section id="{_e(anchor)}"><h3>{_e(title)}</h3>'
+        + "<table><tr>" + "".join(f"<th>{_e(h.replace('_', ' '))}</th>" for h in _AUDIT_COLUMNS) + "</tr>"
+        + "".join(rows)
+        + f"</table><p>Audit summary: {_e(', '.join(f'{k} {v}' for k, v in sorted(counts.items())))}</p></section>"
+    )
+
+
 def _metrics_summary(metrics_csv: PathLike) -> str:
     src = str(metrics_csv)
     try:
@@ -327,6 +356,7 @@ def build_report(
     runs: Sequence[Mapping[str, Any]],
     provenance: Mapping[str, Any],
     n_pca_conditions: int = 3,
+    audits: Sequence[tuple[PathLike, str]] = (),
 ) -> None:
     """Write the self-contained HTML reproduction report, atomically.
 
@@ -342,6 +372,7 @@ def build_report(
         provenance: Shown verbatim in the header (e.g. config file name, config sha256, data
             checksums, package versions); nested mappings and lists are rendered as tables/lists.
         n_pca_conditions: Number of test conditions (first in sorted order) drawn per run.
+        audits: ``(csv_path, title)`` per claim audit (scFATE Table 1), shown after the tables.
 
     Raises:
         PipelineInputError: If a table CSV is missing or malformed, a run lacks dataset/model, or a
@@ -364,6 +395,10 @@ def build_report(
     if not loaded:
         body.append(_note("No paper tables were given."))
     body += [_table_section(frame, title, source, anchor) for frame, title, source, anchor in loaded]
+    for csv_path, title in audits:
+        anchor = _anchor("audit", title, used_ids)
+        toc.append(f'<li><a href="#{_e(anchor)}">{_e(title)}</a></li>')
+        body.append(_audit_section(csv_path, title, anchor))
     body.append("</section>")
 
     body.append('<section id="runs"><h2>Runs</h2>')

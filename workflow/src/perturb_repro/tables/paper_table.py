@@ -4,6 +4,17 @@ A table spec (YAML, schema in ``resources/paper_tables/*.yaml`` header) lists ev
 as a string, so its printed precision survives. :func:`reproduce_table` looks each one up in the
 ``metrics.csv`` of the matching run and gives it a status; :func:`write_table` writes CSV + Markdown.
 
+Optional schema additions (all backwards compatible: a spec without them loads and reproduces
+exactly as before, and an older loader rejects them loudly as unknown keys):
+
+* cell ``blank: true`` -- the printed cell holds no number (empty, or a marker such as ``N/A``,
+  kept verbatim in ``reported``). Such a cell is recorded, never compared: its status is
+  ``not-comparable`` (or ``not-run``), our value is shown for information.
+* cell ``reported_std`` -- the ``± x`` part of a ``mean ± std`` cell, a quoted fixed-point string
+  like ``reported``; recorded, not used in the comparison.
+* top-level ``assumptions`` -- list of ``{claim, evidence}`` mappings: readings of the source that
+  are not stated in it (e.g. which uncaptioned table is which), with the evidence for each.
+
 CLI::
 
     python -m perturb_repro.tables.paper_table --spec X.yaml \
@@ -47,7 +58,7 @@ STATUS_DESCRIPTIONS: dict[str, str] = {
     "mismatch": "differs by more than the tolerance",
     "unverifiable": "a value was reported but ours cannot be computed (NaN, or metric absent from metrics.csv)",
     "not-run": "the run this cell needs was not built or not configured",
-    "not-comparable": "run at demo scale: value shown for information, not compared",
+    "not-comparable": "run at demo scale, or the paper printed no number (blank cell): value shown for information, not compared",
 }
 
 # Every metrics.csv summary column except `count` is a legal statistic; the card only uses
@@ -76,9 +87,25 @@ _REPORTED_RE = re.compile(r"^[+-]?\d+(\.\d+)?$")
 # which must still count as within a 0.02 tolerance.
 _TOLERANCE_EPS = 1e-12
 
-_TOP_KEYS = {"schema_version", "table", "title", "source", "notes", "default_tolerance", "tolerance_source", "cells"}
+_TOP_KEYS = {
+    "schema_version",
+    "table",
+    "title",
+    "source",
+    "notes",
+    "assumptions",
+    "default_tolerance",
+    "tolerance_source",
+    "cells",
+}
 _CELL_REQUIRED = ("dataset", "model", "metric", "statistic", "reported")
-_CELL_KEYS = set(_CELL_REQUIRED) | {"tolerance"}
+_CELL_KEYS = set(_CELL_REQUIRED) | {"tolerance", "blank", "reported_std"}
+_ASSUMPTION_KEYS = ("claim", "evidence")
+
+# How a blank cell's `reported` appears in the output CSV/Markdown. The printed text itself ("" or
+# "N/A") would come back from pandas.read_csv as NaN and be shown as "nan"; a parenthesised form
+# survives the round trip and cannot be mistaken for a number.
+BLANK_EMPTY_LABEL = "(blank)"
 
 
 @dataclass(frozen=True)
@@ -90,8 +117,11 @@ class CellSpec:
         model: Model key (e.g. ``cellflow``).
         metric: cell-eval metric name (a ``metric`` row of metrics.csv).
         statistic: Column of metrics.csv to read (mean, median, max, ...).
-        reported: The number exactly as printed, e.g. ``"0.5630"``.
+        reported: The number exactly as printed, e.g. ``"0.5630"``; for a blank cell the printed
+            text verbatim (``""`` or a marker such as ``"N/A"``).
         tolerance: Absolute tolerance for ``within-noise``; None means the table default.
+        blank: The printed cell holds no number; it is recorded but never compared.
+        reported_std: The printed ``± std`` of the cell, if any (recorded, not compared).
     """
 
     dataset: str
@@ -100,17 +130,36 @@ class CellSpec:
     statistic: str
     reported: str
     tolerance: float | None = None
+    blank: bool = False
+    reported_std: str | None = None
 
     @property
     def decimals(self) -> int:
-        """Number of printed decimals, i.e. the precision the paper committed to."""
+        """Number of printed decimals, i.e. the precision the paper committed to (0 if blank)."""
+        if self.blank:
+            return 0
         _, _, frac = self.reported.partition(".")
         return len(frac)
 
     @property
     def reported_value(self) -> float:
-        """The printed number as a float."""
-        return float(self.reported)
+        """The printed number as a float (NaN for a blank cell)."""
+        return math.nan if self.blank else float(self.reported)
+
+    @property
+    def reported_label(self) -> str:
+        """``reported`` as written to the outputs: a blank cell as ``(blank)`` or ``(N/A)``."""
+        if not self.blank:
+            return self.reported
+        return f"({self.reported})" if self.reported else BLANK_EMPTY_LABEL
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """A reading of the source that the source does not state, with the evidence for it."""
+
+    claim: str
+    evidence: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +176,7 @@ class TableSpec:
         default_tolerance: Absolute tolerance used when a cell has none.
         tolerance_source: Where ``default_tolerance`` comes from.
         cells: The printed numbers, in file order.
+        assumptions: Explicit readings of the source with their evidence (may be empty).
     """
 
     path: str
@@ -138,6 +188,12 @@ class TableSpec:
     default_tolerance: float
     tolerance_source: str
     cells: tuple[CellSpec, ...] = field(default_factory=tuple)
+    assumptions: tuple[Assumption, ...] = field(default_factory=tuple)
+
+    @property
+    def blank_cells(self) -> tuple[CellSpec, ...]:
+        """Cells the source printed without a number."""
+        return tuple(c for c in self.cells if c.blank)
 
     def tolerance_for(self, cell: CellSpec) -> float:
         """Return the tolerance that applies to ``cell``."""
@@ -178,6 +234,10 @@ def _parse_cell(src: str, index: int, raw: Any) -> CellSpec:
         if key not in raw or raw[key] is None:
             raise PipelineInputError(src, f"{where}.{key}", "is missing")
 
+    blank = raw.get("blank", False)
+    if not isinstance(blank, bool):
+        raise PipelineInputError(src, f"{where}.blank", f"must be true or false, got {blank!r}")
+
     reported = raw["reported"]
     if not isinstance(reported, str):
         # An unquoted YAML number has already lost its printed precision ("1.0000" -> 1.0), so it
@@ -186,8 +246,29 @@ def _parse_cell(src: str, index: int, raw: Any) -> CellSpec:
             src, f"{where}.reported", f"must be a quoted string exactly as printed (e.g. \"0.5630\"), got {reported!r}"
         )
     reported = reported.strip()
-    if not _REPORTED_RE.match(reported):
+    if blank:
+        # the printed text of a cell without a number: "" or a marker such as "N/A"
+        if _REPORTED_RE.match(reported):
+            raise PipelineInputError(src, f"{where}.reported", f"is a number ({reported!r}) but the cell says blank: true")
+        for key in ("tolerance", "reported_std"):
+            if raw.get(key) is not None:
+                raise PipelineInputError(src, f"{where}.{key}", "is not allowed on a blank cell")
+    elif not reported:
+        raise PipelineInputError(
+            src, f"{where}.reported", "is empty; for a cell the source printed without a number write blank: true"
+        )
+    elif not _REPORTED_RE.match(reported):
         raise PipelineInputError(src, f"{where}.reported", f"is not a fixed-point number: {reported!r}")
+
+    reported_std = raw.get("reported_std")
+    if reported_std is not None:
+        if not isinstance(reported_std, str):
+            raise PipelineInputError(
+                src, f"{where}.reported_std", f"must be a quoted string exactly as printed (e.g. \"0.012\"), got {reported_std!r}"
+            )
+        reported_std = reported_std.strip()
+        if not _REPORTED_RE.match(reported_std) or reported_std.startswith("-"):
+            raise PipelineInputError(src, f"{where}.reported_std", f"is not a non-negative fixed-point number: {reported_std!r}")
 
     statistic = raw["statistic"]
     if statistic not in STATISTICS:
@@ -197,7 +278,26 @@ def _parse_cell(src: str, index: int, raw: Any) -> CellSpec:
     tolerance = raw.get("tolerance")
     if tolerance is not None:
         tolerance = _require_tolerance(src, tolerance, f"{where}.tolerance")
-    return CellSpec(statistic=statistic, reported=reported, tolerance=tolerance, **values)
+    return CellSpec(
+        statistic=statistic, reported=reported, tolerance=tolerance, blank=blank, reported_std=reported_std, **values
+    )
+
+
+def _parse_assumptions(src: str, raw: Any) -> tuple[Assumption, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise PipelineInputError(src, "assumptions", "must be a list of {claim, evidence} mappings")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"assumptions[{i}]"
+        if not isinstance(item, Mapping):
+            raise PipelineInputError(src, where, f"must be a mapping with keys {list(_ASSUMPTION_KEYS)}, got {type(item).__name__}")
+        unknown = sorted(set(map(str, item)) - set(_ASSUMPTION_KEYS))
+        if unknown:
+            raise PipelineInputError(src, f"{where}.{unknown[0]}", f"unknown key (allowed: {list(_ASSUMPTION_KEYS)})")
+        out.append(Assumption(**{key: _require_str(src, item, key, f"{where}.{key}") for key in _ASSUMPTION_KEYS}))
+    return tuple(out)
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
@@ -250,6 +350,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
         raise PipelineInputError(src, "default_tolerance", "is missing")
     default_tolerance = _require_tolerance(src, data["default_tolerance"], "default_tolerance")
     tolerance_source = _require_str(src, data, "tolerance_source", "tolerance_source")
+    assumptions = _parse_assumptions(src, data.get("assumptions"))
 
     cells_raw = data.get("cells")
     if not isinstance(cells_raw, list) or not cells_raw:
@@ -273,6 +374,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
         default_tolerance=default_tolerance,
         tolerance_source=tolerance_source,
         cells=cells,
+        assumptions=assumptions,
     )
 
 
@@ -341,9 +443,9 @@ def reproduce_table(
 ) -> pd.DataFrame:
     """Look up every printed number in our metrics and assign a status.
 
-    Status precedence: ``not-run`` (no metrics file), then ``not-comparable`` (demo scale; the value
-    is shown but not compared), then ``unverifiable`` (metric absent or NaN), then ``match``,
-    ``within-noise`` and ``mismatch``.
+    Status precedence: ``not-run`` (no metrics file), then ``not-comparable`` (demo scale, or a blank
+    cell: the value is shown but not compared), then ``unverifiable`` (metric absent or NaN), then
+    ``match``, ``within-noise`` and ``mismatch``.
 
     Args:
         spec: Loaded table spec.
@@ -357,7 +459,8 @@ def reproduce_table(
     Returns:
         One row per cell, columns ``dataset, run_dataset, model, metric, statistic, reported,
         reproduced, difference, status`` (``reported`` is the printed string; ``reproduced`` and
-        ``difference = reproduced - reported`` are floats, NaN when not compared/computable).
+        ``difference = reproduced - reported`` are floats, NaN when not compared/computable; a blank
+        cell's ``reported`` is ``(blank)`` or its printed marker in parentheses, e.g. ``(N/A)``).
 
     Raises:
         PipelineInputError: On a bad scale, a metrics path that does not exist, or a metrics.csv that
@@ -374,7 +477,7 @@ def reproduce_table(
             "model": cell.model,
             "metric": cell.metric,
             "statistic": cell.statistic,
-            "reported": cell.reported,
+            "reported": cell.reported_label,
             "reproduced": math.nan,
             "difference": math.nan,
         }
@@ -401,7 +504,7 @@ def reproduce_table(
 
         reproduced = float(metrics.at[cell.metric, cell.statistic]) if cell.metric in metrics.index else math.nan
         row["reproduced"] = reproduced
-        if scale == "demo":
+        if scale == "demo" or cell.blank:
             row["status"] = "not-comparable"
         else:
             row["status"] = _status_for(cell, reproduced, spec.tolerance_for(cell))
@@ -427,7 +530,8 @@ def format_value(value: Any, reported: str, extra_digits: int = 2, signed: bool 
 
     Args:
         value: Number to format; NaN/None/non-numeric gives ``"n/a"`` (never 0).
-        reported: The printed string whose decimals set the precision.
+        reported: The printed string whose decimals set the precision; when it is not a number (a
+            blank cell) there is no printed precision and 6 significant digits are shown.
         extra_digits: Digits beyond the printed precision.
         signed: Prefix positive numbers with ``+`` (for differences).
 
@@ -440,6 +544,8 @@ def format_value(value: Any, reported: str, extra_digits: int = 2, signed: bool 
         return "n/a"
     if not math.isfinite(number):
         return "n/a"
+    if not _REPORTED_RE.match(str(reported).strip()):
+        return f"{number:+.6g}" if signed else f"{number:.6g}"
     decimals = len(str(reported).partition(".")[2]) + extra_digits
     return f"{number:+.{decimals}f}" if signed else f"{number:.{decimals}f}"
 
@@ -471,6 +577,18 @@ def render_markdown(frame: pd.DataFrame, spec: TableSpec) -> str:
         lines.append("Notes:")
         lines.append("")
         lines.extend(f"- {_md_escape(note)}" for note in spec.notes)
+        lines.append("")
+    if spec.assumptions:
+        lines.append("Assumptions (readings of the source it does not state):")
+        lines.append("")
+        lines.extend(f"- {_md_escape(a.claim)} Evidence: {_md_escape(a.evidence)}" for a in spec.assumptions)
+        lines.append("")
+    n_blank = len(spec.blank_cells)
+    if n_blank:
+        lines.append(
+            f"{n_blank} of {len(spec.cells)} cells are blank in the source (no printed number): "
+            "they are listed with our value for information and never compared."
+        )
         lines.append("")
     lines.append("Status legend:")
     lines.append("")
