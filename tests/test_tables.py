@@ -331,7 +331,7 @@ def test_blank_cells_are_recorded_not_compared(tmp_path: Path) -> None:
     assert "| (blank) | 0.0123457 | n/a | not-comparable |" in blank_row  # 6 significant digits, no printed precision
 
 
-def test_blank_cells_at_demo_scale_and_format_value() -> None:
+def test_format_value_for_blank_cells() -> None:
     from perturb_repro.tables.paper_table import format_value
 
     assert format_value(0.0123456789, "(blank)") == "0.0123457"

@@ -33,7 +33,7 @@ def test_every_demo_output_exists(demo_run):
     for name in ("split.csv", "processed.h5ad", "pca.npz", "esm2.npz", "test_truth.h5ad", "summary.json"):
         assert (results / "norman_demo" / name).stat().st_size > 0
     for model in MODELS:
-        for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv", "provenance.json"):
+        for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv", "perturbench.csv", "provenance.json"):
             assert (results / "norman_demo" / model / name).stat().st_size > 0
         assert (results / "norman_demo" / model / "checkpoint" / "config_used.json").exists()
         assert (demo_run / "benchmarks" / "train" / "norman_demo" / f"{model}.tsv").exists()

@@ -83,7 +83,7 @@ def model_source_files(model):
 
 
 def all_targets():
-    targets = [f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "provenance.json")]
+    targets = [f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "perturbench.csv", "provenance.json")]
     targets += [f"results/tables/{t}.{ext}" for t in TABLES + ["scfate_table1"] for ext in ("csv", "md")]
     targets.append("results/report.html")
     return targets

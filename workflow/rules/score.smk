@@ -53,3 +53,23 @@ rule provenance:
         ENV
     script:
         "../scripts/provenance.py"
+
+
+rule score_perturbench:
+    input:
+        pred="results/{dataset}/{model}/predictions.h5ad",
+        truth="results/{dataset}/test_truth.h5ad",
+    output:
+        summary="results/{dataset}/{model}/perturbench.csv",
+        per_condition="results/{dataset}/{model}/perturbench_per_condition.csv",
+    params:
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        options=config["scoring"].get("perturbench", {}),
+    log:
+        "logs/score_perturbench/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/score_perturbench/{dataset}/{model}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/score_perturbench.py"

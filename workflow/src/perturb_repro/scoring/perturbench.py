@@ -20,7 +20,10 @@ so the control is always the *true* control here):
     geomloss ``SamplesLoss(loss="energy", p=2)`` on the cells' gene vectors, i.e. with uniform
     weights ``E|x-y| - E|x-x'|/2 - E|y-y'|/2`` (V-statistic, diagonal included, distances taken as
     ``sqrt(max(d**2, 1e-8))`` like geomloss's tensorised backend) = half the energy distance.
-    Computed in float64 with numpy (geomloss computes in float32: agreement to ~1e-5 relative).
+    Computed exactly in float64 with numpy. geomloss itself works in float32 via
+    ``|x|^2 + |y|^2 - 2x.y``, so its zero self-distances come out as sqrt(round-off) rather than
+    1e-4; its self terms are slightly too large, so its MMD is slightly too low (by ~2e-4 on
+    40-gene toy data, more with more genes), which this exact computation does not reproduce.
 ``mmd_pca``  (``pca`` / ``mmd``; ``aggregation.py:_pca_helper``, ``embed_cells.py:train_pca``)
     the same energy MMD after projecting every cell onto PCs fitted on the **truth AnnData (all of
     its cells: the test conditions plus the control cells)**, never on the prediction:
