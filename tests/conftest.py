@@ -10,7 +10,6 @@ sys.path.insert(0, str(REPO / "workflow" / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
-import anndata as ad
 import pytest
 
 DEMO_H5AD = REPO / "resources" / "demo" / "perturbench_devel.h5ad"

@@ -4,7 +4,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from perturb_repro.data.pca import fit_pca, PCABasis
-from perturb_repro.data.preprocess import preprocess, select_hvgs, summary
+from perturb_repro.data.preprocess import select_hvgs, summary
 from perturb_repro.data.truth import build_test_truth
 
 

@@ -18,7 +18,6 @@ from .data.preprocess import SPLIT, preprocess, summary
 from .data.source import CONDITION, IS_CONTROL, load_source
 from .data.split import make_split
 from .data.truth import build_test_truth
-from .errors import PipelineInputError
 from .io import write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
 
