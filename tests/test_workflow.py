@@ -101,3 +101,15 @@ def test_provenance_manifest(demo_run):
     assert manifest["settings"]["params"]["training"]["num_iterations"] == 1500
     assert manifest["packages"]["cellflow-tools"] == "0.0.6"
     assert manifest["wall_seconds"]["train/cellflow"] > 0
+
+
+@pytest.mark.slow
+def test_snakemake_report_bundles_tables_and_report(demo_run):
+    import zipfile
+
+    result = snakemake(demo_run, "all", "--configfile", "config/demo.yaml", "--report", "results/snakemake_report.zip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = zipfile.ZipFile(demo_run / "results/snakemake_report.zip").namelist()
+    assert any(n.endswith("report.html") for n in names)
+    assert any(n.endswith("cellflow_norman.csv") for n in names)
+    assert any(n.endswith("scfate_table1.csv") for n in names)

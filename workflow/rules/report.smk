@@ -15,7 +15,12 @@ rule paper_table:
         spec=lambda w: config["tables"][w.table]["spec"],
         metrics=lambda w: [f"results/{d}/{m}/metrics.csv" for d, m in table_runs(w.table)[0]],
     output:
-        csv="results/tables/{table}.csv",
+        csv=report(
+            "results/tables/{table}.csv",
+            caption="../report/paper_table.rst",
+            category="Paper tables",
+            labels={"table": "{table}"},
+        ),
         md="results/tables/{table}.md",
     params:
         runs=lambda w: table_runs(w.table)[0],
@@ -41,7 +46,12 @@ rule report:
         pca=expand("results/{dataset}/pca.npz", dataset=sorted({d for d, _ in PAIRS})),
         summaries=expand("results/{dataset}/summary.json", dataset=sorted({d for d, _ in PAIRS})),
     output:
-        "results/report.html",
+        report(
+            "results/report.html",
+            caption="../report/reproduction_report.rst",
+            category="Report",
+            labels={"name": "reproduction report"},
+        ),
     params:
         pairs=PAIRS,
         tables=TABLES,
@@ -68,7 +78,12 @@ rule scfate_table1_audit:
         spec="resources/paper_tables/scfate_table1.yaml",
         logs=scfate_log_files,
     output:
-        csv="results/tables/scfate_table1.csv",
+        csv=report(
+            "results/tables/scfate_table1.csv",
+            caption="../report/scfate_audit.rst",
+            category="Claim audits",
+            labels={"table": "scfate_table1"},
+        ),
         md="results/tables/scfate_table1.md",
     params:
         logs_dir=config.get("audit", {}).get("scfate_logs", ""),
