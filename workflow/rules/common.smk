@@ -5,6 +5,7 @@ import json
 from snakemake.utils import validate
 
 from perturb_repro.config import model_params, run_pairs
+from perturb_repro.models.base import MODEL_REGISTRY
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -18,9 +19,15 @@ TABLES = list(config.get("tables", {}))
 
 
 def _check_names():
+    for key, entry in config["models"].items():
+        if entry["type"] not in MODEL_REGISTRY:
+            raise ValueError(f"config: models.{key}.type '{entry['type']}' is not one of {sorted(MODEL_REGISTRY)}")
     for dataset, model in PAIRS:
         if model not in config["models"]:
             raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
+        owner = config["models"][model].get("shares_checkpoint_with")
+        if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
+            raise ValueError(f"config: models.{model}.shares_checkpoint_with names '{owner}', not a model that trains")
     for name, table in config.get("tables", {}).items():
         for paper_ds, run_ds in table["datasets"].items():
             if run_ds not in config["datasets"]:
@@ -48,6 +55,16 @@ def params_of(model):
     return model_params(config["models"][model])
 
 
+def checkpoint_owner(model):
+    """The model key whose training job produced the checkpoint this model samples from."""
+    return config["models"][model].get("shares_checkpoint_with") or model
+
+
+def sampling_of(model):
+    """Global sampling settings with this model entry's own settings on top."""
+    return {**config["sampling"], **config["models"][model].get("sampling", {})}
+
+
 def params_hash(model):
     """Changes when a model's resolved hyper-parameters change, so Snakemake retrains."""
     return hashlib.sha256(json.dumps(params_of(model), sort_keys=True).encode()).hexdigest()[:12]
@@ -67,8 +84,11 @@ def model_resources(model, stage, key, default):
     return config["models"][model].get("resources", {}).get(key, default)
 
 
+ESM2_MODELS = {"cellflow"}
+
+
 def needs_esm2(model):
-    return config["models"][model]["type"] in {"cellflow"}
+    return config["models"][model]["type"] in ESM2_MODELS
 
 
 def esm2_input(wildcards):
@@ -76,10 +96,9 @@ def esm2_input(wildcards):
 
 
 def model_source_files(model):
-    """The model's code: a change to it retrains the model."""
-    kind = config["models"][model]["type"]
-    files = {"control_mean": "baselines.py", "additive": "baselines.py"}.get(kind, f"{kind}.py")
-    return [str(SRC / "models" / files)]
+    """The model's code (its registry module): a change to it retrains the model."""
+    module = MODEL_REGISTRY[config["models"][model]["type"]].split(":")[0]
+    return [str(SRC.parent / (module.replace(".", "/") + ".py"))]
 
 
 def all_targets():

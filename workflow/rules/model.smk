@@ -32,7 +32,7 @@ rule train_model:
 
 rule sample_model:
     input:
-        checkpoint="results/{dataset}/{model}/checkpoint",
+        checkpoint=lambda w: f"results/{w.dataset}/{checkpoint_owner(w.model)}/checkpoint",
         truth="results/{dataset}/test_truth.h5ad",
         processed="results/{dataset}/processed.h5ad",
         pca="results/{dataset}/pca.npz",
@@ -42,7 +42,7 @@ rule sample_model:
     params:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model),
-        sampling=config["sampling"],
+        sampling=lambda w: sampling_of(w.model),
     log:
         "logs/sample/{dataset}/{model}.log",
     benchmark:

@@ -41,7 +41,7 @@ rule report:
         metrics=[f"results/{d}/{m}/metrics.csv" for d, m in PAIRS],
         per_condition=[f"results/{d}/{m}/per_condition.csv" for d, m in PAIRS],
         predictions=[f"results/{d}/{m}/predictions.h5ad" for d, m in PAIRS],
-        checkpoints=[f"results/{d}/{m}/checkpoint" for d, m in PAIRS],
+        checkpoints=[f"results/{d}/{checkpoint_owner(m)}/checkpoint" for d, m in PAIRS],
         truth=expand("results/{dataset}/test_truth.h5ad", dataset=sorted({d for d, _ in PAIRS})),
         pca=expand("results/{dataset}/pca.npz", dataset=sorted({d for d, _ in PAIRS})),
         summaries=expand("results/{dataset}/summary.json", dataset=sorted({d for d, _ in PAIRS})),

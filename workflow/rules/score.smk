@@ -29,7 +29,7 @@ rule provenance:
         raw=lambda w: raw_path(w.dataset),
         processed="results/{dataset}/processed.h5ad",
         pca="results/{dataset}/pca.npz",
-        checkpoint="results/{dataset}/{model}/checkpoint",
+        checkpoint=lambda w: f"results/{w.dataset}/{checkpoint_owner(w.model)}/checkpoint",
         predictions="results/{dataset}/{model}/predictions.h5ad",
         metrics="results/{dataset}/{model}/metrics.csv",
     output:
@@ -39,7 +39,7 @@ rule provenance:
             "dataset": dataset_cfg(w.dataset),
             "model": model_cfg(w.model),
             "params": params_of(w.model),
-            "sampling": config["sampling"],
+            "sampling": sampling_of(w.model),
             "scoring": config["scoring"],
             "esm2": config["esm2"],
         },
