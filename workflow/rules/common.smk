@@ -97,8 +97,8 @@ def esm2_input(wildcards):
 
 def model_source_files(model):
     """The model's code (its registry module): a change to it retrains the model."""
-    module = MODEL_REGISTRY[config["models"][model]["type"]].split(":")[0]
-    return [str(SRC.parent / (module.replace(".", "/") + ".py"))]
+    module_name = MODEL_REGISTRY[config["models"][model]["type"]].split(":")[0]
+    return [str(SRC.parent / (module_name.replace(".", "/") + ".py"))]
 
 
 def all_targets():
