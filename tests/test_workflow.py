@@ -113,3 +113,23 @@ def test_snakemake_report_bundles_tables_and_report(demo_run):
     assert any(n.endswith("report.html") for n in names)
     assert any(n.endswith("cellflow_norman.csv") for n in names)
     assert any(n.endswith("scfate_table1.csv") for n in names)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(demo_run, tmp_path):
+    """A real browser: the page renders, every image decodes, every link resolves."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("Chromium not installed (.ci/run installs Debian's chromium)")
+    tool = demo_run / "workflow/tools/check_report_in_browser.py"
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        [sys.executable, str(tool), str(demo_run / "results/report.html"), "--screenshot", str(shot)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"broken": []' in result.stdout and '"images": ' in result.stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
