@@ -108,16 +108,19 @@ def load_cellflow(checkpoint_dir: Path):
     return CellFlow.load(str(Path(checkpoint_dir) / MODEL_FILE))
 
 
-def train_steps(cf, start: int, stop: int, batch_size: int, seed: int, log: TrainLog, flag: StopFlag | None) -> int:
+def train_steps(
+    cf, start: int, stop: int, batch_size: int, seed: int, log: TrainLog, flag: StopFlag | None, sampler=None
+) -> int:
     """Run cellflow's own step function from ``start`` to ``stop``; return the next step.
 
     The batch and step keys are folded from (seed, step), so a resumed run draws what an
-    uninterrupted one would have drawn at the same step.
+    uninterrupted one would have drawn at the same step. Pass the same ``sampler`` across calls:
+    a new one re-traces and re-compiles cellflow's jitted batch sampler.
     """
     import jax
     from cellflow.data._dataloader import TrainSampler
 
-    sampler = TrainSampler(data=cf.train_data, batch_size=batch_size)
+    sampler = sampler or TrainSampler(data=cf.train_data, batch_size=batch_size)
     root = jax.random.PRNGKey(seed)
     step = start
     while step < stop:
@@ -142,11 +145,15 @@ class CellFlowModel:
         start = json.loads(state.read_text())["step"] if state.exists() and (checkpoint_dir / MODEL_FILE).exists() else 0
         cf = load_cellflow(checkpoint_dir) if start else build_cellflow(train, context, params)
         log = TrainLog(checkpoint_dir / "train_log.csv", start)
+        from cellflow.data._dataloader import TrainSampler
+
+        batch_size = int(training["batch_size"])
+        sampler = TrainSampler(data=cf.train_data, batch_size=batch_size)
         try:
             with StopFlag() as flag:
                 step = start
                 while step < total:
-                    step = train_steps(cf, step, min(step + every, total), int(training["batch_size"]), context.seed, log, flag)
+                    step = train_steps(cf, step, min(step + every, total), batch_size, context.seed, log, flag, sampler)
                     log.flush()
                     _save(cf, checkpoint_dir, step)
                     if flag.raised:
@@ -161,7 +168,8 @@ class CellFlowModel:
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         n_ctrl = int(control.obs[IS_CONTROL].sum())
         pick = rng.choice(n_ctrl, size=n_cells, replace=n_cells > n_ctrl)
-        source = control[np.flatnonzero(control.obs[IS_CONTROL].to_numpy())[pick]]
+        source = control[np.flatnonzero(control.obs[IS_CONTROL].to_numpy())[pick]].copy()
+        source.obs_names_make_unique()  # drawn with replacement when n_cells exceeds the controls
         z = EulerSampler(cf, int(sampling["steps"])).predict(_cellflow_view(source, context), conditions, context)
         return {c: context.pca.inverse(z[c]) for c in conditions}
 
