@@ -38,7 +38,7 @@ def test_shipped_configs_validate(scratch, configfile):
         ("unknown_key.yaml", lambda c: c["sampling"].update(stpes=10), "stpes"),
         ("missing_field.yaml", lambda c: c["datasets"]["norman_demo"].pop("control_label"), "control_label"),
         ("wrong_type.yaml", lambda c: c["sampling"].update(steps="many"), "many"),
-        ("unknown_model.yaml", lambda c: c["datasets"]["norman_demo"]["models"].append("scgpt"), "scgpt"),
+        ("unknown_model.yaml", lambda c: c["datasets"]["norman_demo"]["models"].append("geneformer"), "geneformer"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(scratch, name, edit, expected):

@@ -5,7 +5,7 @@ import json
 from snakemake.utils import validate
 
 from perturb_repro.config import model_params, run_pairs
-from perturb_repro.models.base import MODEL_REGISTRY
+from perturb_repro.models.base import MODEL_EXTRA_SOURCES, MODEL_REGISTRY
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -44,7 +44,10 @@ wildcard_constraints:
 
 
 def dataset_cfg(dataset):
-    return dict(config["datasets"][dataset], name=dataset)
+    """What the data jobs need: not the model list or the description, so adding a model or
+    rewording a description does not re-run the data chain (params are a rerun trigger)."""
+    cfg = {k: v for k, v in config["datasets"][dataset].items() if k not in ("models", "description")}
+    return dict(cfg, name=dataset)
 
 
 def model_cfg(model):
@@ -84,7 +87,7 @@ def model_resources(model, stage, key, default):
     return config["models"][model].get("resources", {}).get(key, default)
 
 
-ESM2_MODELS = {"cellflow"}
+ESM2_MODELS = {"cellflow", "scgpt"}
 
 
 def needs_esm2(model):
@@ -97,8 +100,9 @@ def esm2_input(wildcards):
 
 def model_source_files(model):
     """The model's code (its registry module): a change to it retrains the model."""
-    module_name = MODEL_REGISTRY[config["models"][model]["type"]].split(":")[0]
-    return [str(SRC.parent / (module_name.replace(".", "/") + ".py"))]
+    kind = config["models"][model]["type"]
+    modules = [MODEL_REGISTRY[kind].split(":")[0], *MODEL_EXTRA_SOURCES.get(kind, [])]
+    return [str(SRC.parent / (name.replace(".", "/") + ".py")) for name in modules]
 
 
 def all_targets():

@@ -56,6 +56,15 @@ MODEL_REGISTRY: dict[str, str] = {
     "control_mean": "perturb_repro.models.baselines:ControlMean",
     "additive": "perturb_repro.models.baselines:Additive",
     "cellflow": "perturb_repro.models.cellflow:CellFlowModel",
+    "linear": "perturb_repro.models.perturbench_baselines:LinearAdditive",
+    "latent_additive": "perturb_repro.models.perturbench_baselines:LatentAdditive",
+    "decoder_only": "perturb_repro.models.perturbench_baselines:DecoderOnly",
+    "scgpt": "perturb_repro.models.scgpt:ScGPTModel",
+}
+
+# Private modules a model's code also lives in: a change to them retrains the model too.
+MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
+    "scgpt": ["perturb_repro.models._scgpt_loading"],
 }
 
 
