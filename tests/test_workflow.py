@@ -11,7 +11,11 @@ import pytest
 
 from workflow_helpers import copy_repo, snakemake
 
-MODELS = ("control_mean", "additive", "cellflow")
+import yaml
+
+from workflow_helpers import REPO
+
+MODELS = tuple(yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["datasets"]["norman_demo"]["models"])
 
 
 @pytest.fixture(scope="module")
