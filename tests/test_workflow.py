@@ -8,12 +8,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
-from workflow_helpers import copy_repo, snakemake
-
 import yaml
 
-from workflow_helpers import REPO
+from workflow_helpers import REPO, copy_repo, snakemake
 
 MODELS = tuple(yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["datasets"]["norman_demo"]["models"])
 
