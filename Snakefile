@@ -28,8 +28,11 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
 
 
+# Small table jobs read a few CSV/YAML files: not worth an sbatch submission each.
 localrules:
     all,
+    paper_table,
+    scfate_table1_audit,
 
 
 rule all:

@@ -80,7 +80,7 @@ else
 fi
 
 # 3. Configuration: this host, all its CPUs, memory below what is available, one fake GPU backed by /dev/null.
-CPUS="$(nproc)"
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"   # nproc alone obeys OMP_NUM_THREADS
 AVAIL_MB="$(free -m | awk '/^Mem:/ {print ($7 != "" ? $7 : $4)}')"   # 'available' (else 'free')
 MEM_MB=$((AVAIL_MB * 8 / 10))
 ((MEM_MB >= 2000)) || die "only ${AVAIL_MB} MiB available: not enough for test jobs"
@@ -119,11 +119,11 @@ $MARK
 NodeName=$HOST Name=gpu Type=fake File=/dev/null
 CONF
 
-# 4. Daemons: the controller (-i: ignore state left by an earlier run), then the node daemon.
-alive "$RUN/slurmctld.pid" || slurmctld -i || die "slurmctld did not start (see $LOG/slurmctld.log)"
+# 4. Daemons: the controller (-c: forget jobs and state of an earlier run), then the node daemon.
+alive "$RUN/slurmctld.pid" || slurmctld -c || die "slurmctld did not start (see $LOG/slurmctld.log)"
 for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
 scontrol ping 2>/dev/null | grep -q UP || { tail -n 30 "$LOG/slurmctld.log" >&2 || true; die "slurmctld does not answer"; }
-alive "$RUN/slurmd.pid" || slurmd || die "slurmd did not start (see $LOG/slurmd.log)"
+alive "$RUN/slurmd.pid" || slurmd -c || die "slurmd did not start (see $LOG/slurmd.log)"
 for _ in $(seq 20); do alive "$RUN/slurmd.pid" && break; sleep 0.5; done
 alive "$RUN/slurmd.pid" || { tail -n 30 "$LOG/slurmd.log" >&2 || true; die "slurmd exited"; }
 
