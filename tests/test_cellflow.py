@@ -1,7 +1,6 @@
 """CellFlow through cellflow-tools: the one-compile Euler sampler equals CellFlow.predict, checkpoints
 reload, and an interrupted run resumes to the same weights as an uninterrupted one."""
 
-import signal
 
 import diffrax
 import jax
@@ -14,6 +13,7 @@ from perturb_repro.data.pca import fit_pca
 from perturb_repro.models.base import ModelContext
 from perturb_repro.models import cellflow as cfm
 from perturb_repro.training import Preempted
+from fakes import SignalAfter
 
 STEPS = 8
 
@@ -85,27 +85,11 @@ def test_resume_reaches_the_same_weights(tmp_path, trained, context):
         np.testing.assert_array_equal(a, b)
 
 
-class _SignalAfter:
-    """Stands in for StopFlag: reports SIGTERM once the loop has polled it ``n`` times."""
-
-    def __init__(self, n):
-        self.n = n
-
-    @property
-    def raised(self):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def test_sigterm_saves_and_exits_nonzero(tmp_path, monkeypatch, trained, context):
     _, train = trained
-    monkeypatch.setattr(cfm, "StopFlag", lambda: _SignalAfter(3))
+    monkeypatch.setattr(cfm, "StopFlag", lambda: SignalAfter(3))
     with pytest.raises(Preempted):
         cfm.CellFlowModel().fit(train, None, context, _params(20, 10), tmp_path)
     state = (tmp_path / cfm.STATE_FILE).read_text()

@@ -2,7 +2,6 @@
 presets, fitting a known additive structure, bit-identical resume, unseen genes, demo predictions."""
 
 import json
-import signal
 
 import anndata as ad
 import numpy as np
@@ -14,6 +13,7 @@ from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import perturbench_baselines as pb
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
+from fakes import SignalAfter
 
 MODELS = {"linear": pb.LinearAdditive, "latent_additive": pb.LatentAdditive, "decoder_only": pb.DecoderOnly}
 GENES = list("ABCDEF")
@@ -153,22 +153,6 @@ def test_best_validation_epoch_is_kept(fitted):
 # --------------------------------------------------------------------------- resume
 
 
-class _SignalAfter:
-    """Stands in for StopFlag: reports SIGTERM once the loop has polled it ``n`` times."""
-
-    def __init__(self, n):
-        self.n = n
-
-    @property
-    def raised(self):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -179,7 +163,7 @@ def test_preempted_run_resumes_bit_identically(kind, synthetic, tmp_path, monkey
     MODELS[kind]().fit(train, val, CONTEXT, params, full)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pb, "StopFlag", lambda: _SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
+        patch.setattr(pb, "StopFlag", lambda: SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
         with pytest.raises(Preempted):
             MODELS[kind]().fit(train, val, CONTEXT, params, resumed)
     assert json.loads((resumed / pb.STATE_MARKER).read_text())["step"] == 18  # saved where it stopped

@@ -5,7 +5,6 @@ validation curve."""
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from perturb_repro.models import _scgpt_loading as loading
 from perturb_repro.models import scgpt as sg
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
+from fakes import SignalAfter
 
 LAYOUT = Path(__file__).parent / "data" / "scgpt_whole_human_layout.json"
 torch.set_num_threads(1)
@@ -311,29 +311,13 @@ def _weights(path):
     return state.get("model", state)
 
 
-class _SignalAfter:
-    """Stands in for StopFlag: reports SIGTERM once the loop has polled it ``n`` times."""
-
-    def __init__(self, n):
-        self.n = n
-
-    @property
-    def raised(self):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def test_preempted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, trained, small, context):
     train, val = small
     with monkeypatch.context() as m:
         # each step polls the flag twice; SIGTERM lands mid-epoch 1
-        m.setattr(sg, "StopFlag", lambda: _SignalAfter(4))
+        m.setattr(sg, "StopFlag", lambda: SignalAfter(4))
         with pytest.raises(Preempted):
             sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
     state = json.loads((tmp_path / sg.STATE_FILE).read_text())
