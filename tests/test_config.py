@@ -104,3 +104,23 @@ def test_paper_preset_is_the_card_verbatim():
     assert config["datasets"]["norman"]["pca"]["n_components"] == int(re.search(r"(\d+)-dim PCA", text)[1])
     assert config["datasets"]["norman"]["split"]["seed"] == int(re.search(r"simulation split with seed (\d+)", text)[1])
     assert config["esm2"]["model"].endswith(re.search(r"\((facebook/esm2_\w+)\)", text)[1].split("/")[1])
+
+
+def test_variant_samples_from_the_owner_checkpoint(scratch):
+    """A sampling variant (e.g. another CFG weight) reuses its owner's training job."""
+
+    def add_variant(config):
+        config["models"]["cellflow_steps10"] = {
+            "type": "cellflow", "preset": "tiny", "shares_checkpoint_with": "cellflow", "sampling": {"steps": 10}
+        }
+        config["datasets"]["norman_demo"]["models"] = ["cellflow", "cellflow_steps10"]
+
+    configfile = _with(scratch, "variant.yaml", add_variant)
+    result = snakemake(scratch, "-n", "results/norman_demo/cellflow_steps10/predictions.h5ad", "--configfile", configfile)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "results/norman_demo/cellflow/checkpoint" in result.stdout
+    assert "cellflow_steps10/checkpoint" not in result.stdout
+    bad = _with(scratch, "bad_variant.yaml", lambda c: (add_variant(c), c["models"]["cellflow_steps10"].update(
+        shares_checkpoint_with="nothing")))
+    refused = snakemake(scratch, "-n", "all", "--configfile", bad)
+    assert refused.returncode != 0 and "shares_checkpoint_with" in refused.stdout + refused.stderr
