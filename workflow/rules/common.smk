@@ -87,7 +87,7 @@ def model_resources(model, stage, key, default):
     return config["models"][model].get("resources", {}).get(key, default)
 
 
-ESM2_MODELS = {"cellflow", "scgpt"}
+ESM2_MODELS = {"cellflow", "scgpt", "primeflow"}
 
 
 def needs_esm2(model):

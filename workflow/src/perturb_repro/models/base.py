@@ -60,11 +60,13 @@ MODEL_REGISTRY: dict[str, str] = {
     "latent_additive": "perturb_repro.models.perturbench_baselines:LatentAdditive",
     "decoder_only": "perturb_repro.models.perturbench_baselines:DecoderOnly",
     "scgpt": "perturb_repro.models.scgpt:ScGPTModel",
+    "primeflow": "perturb_repro.models.primeflow:PRiMeFlowModel",
 }
 
 # Private modules a model's code also lives in: a change to them retrains the model too.
 MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
     "scgpt": ["perturb_repro.models._scgpt_loading"],
+    "primeflow": ["perturb_repro.models._unet1d"],
 }
 
 
