@@ -5,7 +5,6 @@ bit-identical resume, and fit + sample of every tiny preset on the demo data."""
 from __future__ import annotations
 
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from perturb_repro.models import primeflow as pf
 from perturb_repro.models._unet1d import AttentionBlock, Downsample, ResBlock, Upsample
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
+from fakes import SignalAfter
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = yaml.safe_load((REPO / "config" / "presets" / "primeflow.yaml").read_text())
@@ -316,29 +316,12 @@ def test_resume_reaches_the_same_weights(tmp_path, train, context, preset):
     assert list(lb["step"]) == [0, 1, 2, 3] and np.allclose(la["loss"], lb["loss"]) and np.isfinite(la["loss"]).all()
 
 
-class _SignalAfter:
-    """Stands in for StopFlag: reports SIGTERM once the loop has polled it ``n`` times."""
-
-    def __init__(self, n):
-        self.n = n
-
-    @property
-    def raised(self):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
 
 def test_sigterm_saves_and_resumes(tmp_path, monkeypatch, train, context):
     params = _params("tiny_mlp", 6, 100)
     pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path / "full")
     with monkeypatch.context() as m:
-        m.setattr(pf, "StopFlag", lambda: _SignalAfter(2))
+        m.setattr(pf, "StopFlag", lambda: SignalAfter(2))
         with pytest.raises(Preempted):
             pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path / "cut")
     assert (tmp_path / "cut" / pf.STATE_FILE).read_text() == '{"step": 3}'  # saved where it stopped
