@@ -1,6 +1,7 @@
 # Validated config, wildcard constraints from the config, and the input functions the rules share.
 import hashlib
 import json
+import re
 
 from snakemake.utils import validate
 
@@ -25,9 +26,14 @@ def _check_names():
     for dataset, model in PAIRS:
         if model not in config["models"]:
             raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
+        model_params(config["models"][model], dataset=dataset)  # a missing preset fails now, naming its file
         owner = config["models"][model].get("shares_checkpoint_with")
         if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
             raise ValueError(f"config: models.{model}.shares_checkpoint_with names '{owner}', not a model that trains")
+    for key, entry in config["models"].items():
+        for ds in entry.get("preset_by_dataset", {}):
+            if ds not in config["datasets"]:
+                raise ValueError(f"config: models.{key}.preset_by_dataset names unknown dataset '{ds}'")
     for name, table in config.get("tables", {}).items():
         for paper_ds, run_ds in table["datasets"].items():
             if run_ds not in config["datasets"]:
@@ -54,8 +60,8 @@ def model_cfg(model):
     return config["models"][model]
 
 
-def params_of(model):
-    return model_params(config["models"][model])
+def params_of(model, dataset):
+    return model_params(config["models"][model], dataset=dataset)
 
 
 def checkpoint_owner(model):
@@ -68,9 +74,9 @@ def sampling_of(model):
     return {**config["sampling"], **config["models"][model].get("sampling", {})}
 
 
-def params_hash(model):
+def params_hash(model, dataset):
     """Changes when a model's resolved hyper-parameters change, so Snakemake retrains."""
-    return hashlib.sha256(json.dumps(params_of(model), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(params_of(model, dataset), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def raw_path(dataset):

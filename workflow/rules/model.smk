@@ -1,18 +1,84 @@
 # One training job and one sampling job per (dataset, model); GPU resources come from the model's config.
 
 
+PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
+
+
+def pretrained_input(wildcards):
+    """The files of a model's pretrained checkpoint (scGPT: ``pretrained_dir``), so a fetch rule provides them."""
+    directory = params_of(wildcards.model, wildcards.dataset).get("pretrained_dir")
+    return [f"{directory}/{name}" for name in PRETRAINED_FILES] if directory else []
+
+
+rule fetch_pretrained:
+    output:
+        "resources/pretrained/{checkpoint}/{file}",
+    wildcard_constraints:
+        file="|".join(re.escape(f) for f in PRETRAINED_FILES),
+    params:
+        source=lambda w: config.get("pretrained", {}).get(w.checkpoint, {}).get(w.file, {}),
+        hint=lambda w: config.get("pretrained", {}).get(w.checkpoint, {}).get("how_to_get", ""),
+    log:
+        "logs/download/pretrained/{checkpoint}/{file}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_pretrained.py"
+
+
+# Models trained in two jobs: a first stage (scLDM's autoencoder) whose output the main training job reads.
+AUTOENCODER_MODELS = {"scldm"}
+
+
+def autoencoder_input(wildcards):
+    if config["models"][wildcards.model]["type"] in AUTOENCODER_MODELS:
+        return f"results/{wildcards.dataset}/{wildcards.model}/autoencoder"
+    return []
+
+
+rule train_autoencoder:
+    input:
+        processed="results/{dataset}/processed.h5ad",
+        pca="results/{dataset}/pca.npz",
+        code=lambda w: model_source_files(w.model),
+    output:
+        directory("results/{dataset}/{model}/autoencoder"),
+    params:
+        model_cfg=lambda w: model_cfg(w.model),
+        params=lambda w: params_of(w.model, w.dataset),
+        params_hash=lambda w: params_hash(w.model, w.dataset),
+        seed=lambda w: config["sampling"].get("seed", 0),
+        stage="fit_autoencoder",
+    log:
+        "logs/train_autoencoder/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/train_autoencoder/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        gpu=lambda w: model_resources(w.model, "train", "gpu", 0),
+        mem_mb=lambda w: model_resources(w.model, "train", "mem_mb", 4000),
+        runtime=lambda w: model_resources(w.model, "train", "runtime", 60),
+        cpus_per_task=lambda w: model_resources(w.model, "train", "cpus", 1),
+    conda:
+        ENV
+    script:
+        "../scripts/train_model.py"
+
+
 rule train_model:
     input:
         processed="results/{dataset}/processed.h5ad",
         pca="results/{dataset}/pca.npz",
         esm2=esm2_input,
+        pretrained=pretrained_input,
+        autoencoder=autoencoder_input,
         code=lambda w: model_source_files(w.model),
     output:
         directory("results/{dataset}/{model}/checkpoint"),
     params:
         model_cfg=lambda w: model_cfg(w.model),
-        params=lambda w: params_of(w.model),
-        params_hash=lambda w: params_hash(w.model),
+        params=lambda w: params_of(w.model, w.dataset),
+        params_hash=lambda w: params_hash(w.model, w.dataset),
         seed=lambda w: config["sampling"].get("seed", 0),
     log:
         "logs/train/{dataset}/{model}.log",
@@ -41,7 +107,7 @@ rule sample_model:
         "results/{dataset}/{model}/predictions.h5ad",
     params:
         model_cfg=lambda w: model_cfg(w.model),
-        params=lambda w: params_of(w.model),
+        params=lambda w: params_of(w.model, w.dataset),
         sampling=lambda w: sampling_of(w.model),
     log:
         "logs/sample/{dataset}/{model}.log",

@@ -38,7 +38,7 @@ rule provenance:
         settings=lambda w: {
             "dataset": dataset_cfg(w.dataset),
             "model": model_cfg(w.model),
-            "params": params_of(w.model),
+            "params": params_of(w.model, w.dataset),
             "sampling": sampling_of(w.model),
             "scoring": config["scoring"],
             "esm2": config["esm2"],

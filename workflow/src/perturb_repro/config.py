@@ -23,9 +23,20 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def model_params(model_cfg: Mapping[str, Any], preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
-    """A model's hyper-parameters: its preset file's named preset, then the config's overrides."""
-    preset = model_cfg.get("preset")
+def preset_name(model_cfg: Mapping[str, Any], dataset: str | None = None) -> str | None:
+    """The preset a model uses on ``dataset``: papers tune per dataset (PRiMeFlow's Appendix E, PerturBench's
+    best-params files), so ``preset_by_dataset`` names one per dataset; ``preset`` is the fallback."""
+    by_dataset = model_cfg.get("preset_by_dataset") or {}
+    if dataset is not None and dataset in by_dataset:
+        return by_dataset[dataset]
+    return model_cfg.get("preset")
+
+
+def model_params(
+    model_cfg: Mapping[str, Any], preset_dir: Path = PRESET_DIR, dataset: str | None = None
+) -> dict[str, Any]:
+    """A model's hyper-parameters on ``dataset``: its preset file's named preset, then the config's overrides."""
+    preset = preset_name(model_cfg, dataset)
     params: dict[str, Any] = {}
     if preset:
         path = Path(preset_dir) / f"{model_cfg['type']}.yaml"
