@@ -1,10 +1,12 @@
 """No leakage: every statistic the model sees is computed from train cells only."""
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from perturb_repro.data.pca import fit_pca, PCABasis
-from perturb_repro.data.preprocess import select_hvgs, summary
+from perturb_repro.data.preprocess import select_genes_perturbench, select_hvgs, summary
 from perturb_repro.data.truth import build_test_truth
 
 
@@ -69,3 +71,38 @@ def test_pca_roundtrip_and_clip(tmp_path, demo_processed):
     assert back.min() >= 0.0  # clipped: log-expression cannot be negative
     raw = z @ loaded.components + loaded.mean
     np.testing.assert_allclose(back, np.clip(raw, 0, None), atol=1e-5)
+
+
+def test_perturbench_gene_selection_uses_train_cells_only():
+    """HVG (seurat_v3 on counts, batch = line) + DEGs + perturbed genes: blind to val/test cells."""
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(120)] + ["P1", "P2", "P3"]
+    rows = [(c, l) for l in ["a", "b"] for c in ["control"] * 40 + ["P1"] * 20 + ["P2"] * 20 + ["P3"] * 20]
+    obs = pd.DataFrame(rows, columns=["condition", "cell_type"], index=[f"c{i}" for i in range(len(rows))])
+    obs["is_control"] = obs["condition"] == "control"
+    obs["split"] = np.where((obs["condition"] == "P3") & (obs["cell_type"] == "a"), "test", "train")
+    rates = rng.gamma(1.0, 2.0, size=len(genes))
+    counts = rng.poisson(rates, size=(len(obs), len(genes))).astype(np.float32)
+    adata = ad.AnnData(X=np.log1p(counts), obs=obs, var=pd.DataFrame(index=genes))
+    adata.layers["counts"] = counts
+    chosen = select_genes_perturbench(adata, "control", ["cell_type"], n_top_genes=30, n_degs=5, must_keep=["P1", "P2", "P3"])
+    scrambled = adata.copy()
+    held = (scrambled.obs["split"] != "train").to_numpy()
+    noise = rng.poisson(rng.gamma(1.0, 8.0, size=len(genes)), size=(held.sum(), len(genes))).astype(np.float32)
+    scrambled.layers["counts"][held] = noise
+    scrambled.X[held] = np.log1p(noise)
+    assert select_genes_perturbench(scrambled, "control", ["cell_type"], 30, 5, ["P1", "P2", "P3"]) == chosen
+    assert {"P1", "P2", "P3"} <= set(chosen) and 30 <= len(chosen) < len(genes)
+    # and it does depend on the train cells
+    moved = adata.copy()
+    moved.layers["counts"][~held] = np.roll(moved.layers["counts"][~held], 5, axis=1)
+    moved.X[~held] = np.log1p(moved.layers["counts"][~held])
+    assert select_genes_perturbench(moved, "control", ["cell_type"], 30, 5, []) != [g for g in chosen if g not in ("P1", "P2", "P3")]
+    # the configured path: preprocess(gene_selection=perturbench) keeps exactly these genes, counts dropped
+    from perturb_repro.data.preprocess import preprocess
+
+    table = obs[["condition", "cell_type", "split"]].drop_duplicates().assign(subgroup="")
+    cfg = {"control_label": "control", "group_by": ["cell_type"], "covariates": ["cell_type"],
+           "preprocess": {"gene_selection": "perturbench", "n_top_genes": 30, "n_degs": 5}}
+    out = preprocess(adata.copy(), table, cfg, "split.csv")
+    assert list(out.var_names) == chosen and not out.layers and list(out.uns["group_by"]) == ["cell_type"]

@@ -19,6 +19,10 @@ MODELS = sorted({m for _, m in PAIRS})
 TABLES = list(config.get("tables", {}))
 
 
+ESM2_MODELS = {"cellflow", "scgpt"}  # condition on ESM2 gene embeddings: the dataset must configure `esm2`
+ESM2_OPTIONAL_MODELS = {"primeflow"}  # ESM2 only embeds perturbations unseen in training (none for drugs)
+
+
 def _check_names():
     for key, entry in config["models"].items():
         if entry["type"] not in MODEL_REGISTRY:
@@ -27,6 +31,8 @@ def _check_names():
         if model not in config["models"]:
             raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
         model_params(config["models"][model], dataset=dataset)  # a missing preset fails now, naming its file
+        if config["models"][model]["type"] in ESM2_MODELS and "esm2" not in config["datasets"][dataset]:
+            raise ValueError(f"config: datasets.{dataset}.esm2 is missing, but model '{model}' needs ESM2 gene embeddings")
         owner = config["models"][model].get("shares_checkpoint_with")
         if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
             raise ValueError(f"config: models.{model}.shares_checkpoint_with names '{owner}', not a model that trains")
@@ -52,7 +58,7 @@ wildcard_constraints:
 def dataset_cfg(dataset):
     """What the data jobs need: not the model list or the description, so adding a model or
     rewording a description does not re-run the data chain (params are a rerun trigger)."""
-    cfg = {k: v for k, v in config["datasets"][dataset].items() if k not in ("models", "description")}
+    cfg = {k: v for k, v in config["datasets"][dataset].items() if k not in ("models", "description", "resources")}
     return dict(cfg, name=dataset)
 
 
@@ -93,15 +99,13 @@ def model_resources(model, stage, key, default):
     return config["models"][model].get("resources", {}).get(key, default)
 
 
-ESM2_MODELS = {"cellflow", "scgpt", "primeflow"}
-
-
-def needs_esm2(model):
-    return config["models"][model]["type"] in ESM2_MODELS
+def needs_esm2(model, dataset):
+    kind = config["models"][model]["type"]
+    return kind in ESM2_MODELS or (kind in ESM2_OPTIONAL_MODELS and "esm2" in config["datasets"][dataset])
 
 
 def esm2_input(wildcards):
-    return f"results/{wildcards.dataset}/esm2.npz" if needs_esm2(wildcards.model) else []
+    return f"results/{wildcards.dataset}/esm2.npz" if needs_esm2(wildcards.model, wildcards.dataset) else []
 
 
 def model_source_files(model):

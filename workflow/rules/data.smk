@@ -47,7 +47,8 @@ rule preprocess_dataset:
     benchmark:
         "benchmarks/preprocess/{dataset}.tsv"
     resources:
-        mem_mb=16000,
+        # the whole matrix is in memory here: paper-scale files set their own (datasets.<d>.resources.mem_mb)
+        mem_mb=lambda w: config["datasets"][w.dataset].get("resources", {}).get("mem_mb", 16000),
     conda:
         ENV
     script:

@@ -36,12 +36,16 @@ rule embed_genes:
         split="results/{dataset}/split.csv",
         sequences=lambda w: config["datasets"][w.dataset]["esm2"]["sequences"],
         model=esm2_model_input,
+        release_note=lambda w: config["esm2"].get("uniprot_release_note") or [],
     output:
         "results/{dataset}/esm2.npz",
     params:
         model=lambda w: ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else config["esm2"]["model"],
         batch_size=config["esm2"].get("batch_size", 8),
         control=lambda w: config["datasets"][w.dataset]["control_label"],
+        allow_missing=config["esm2"].get("allow_missing", False),
+        release=config["esm2"].get("uniprot_release"),
+        taxon_id=config["esm2"].get("taxon_id"),
     log:
         "logs/esm2/{dataset}.log",
     benchmark:

@@ -16,7 +16,7 @@ import pandas as pd
 from .data.pca import PCABasis, fit_pca
 from .data.preprocess import SPLIT, preprocess, summary
 from .data.source import CONDITION, IS_CONTROL, load_source
-from .data.split import make_split
+from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
 from .io import write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
@@ -33,10 +33,11 @@ def limit_threads() -> None:
 
 
 def split_step(raw: str, dataset_cfg: Mapping[str, Any], out_csv: str) -> None:
-    adata = load_source(raw, dataset_cfg)
+    adata = load_source(raw, dataset_cfg, obs_only=True)  # the split needs obs only
     params = dict(dataset_cfg["split"])
     recipe = params.pop("recipe")
-    table = make_split(list(adata.obs[CONDITION].unique()), dataset_cfg["control_label"], recipe, **params)
+    pairs = condition_pairs(adata.obs, list(dataset_cfg.get("group_by") or []))
+    table = make_split(pairs, dataset_cfg["control_label"], recipe, **params)
     write_csv(table, out_csv, index=False)
 
 
@@ -67,23 +68,30 @@ def _context(dataset: str, adata: ad.AnnData, pca: str, esm2: str | None, seed: 
 
 def train_step(
     dataset: str, processed: str, pca: str, esm2: str, model_cfg: Mapping[str, Any], params: Mapping[str, Any],
-    checkpoint_dir: str, seed: int,
+    checkpoint_dir: str, seed: int, stage: str = "fit", stage_inputs: Mapping[str, str] | None = None,
 ) -> None:
+    """Train one stage of a model into ``checkpoint_dir``.
+
+    ``stage`` is the model's method: ``fit`` for every model, plus e.g. ``fit_autoencoder`` for the two-stage
+    scLDM, whose stages are separate jobs. ``stage_inputs`` hands earlier stages' outputs to a later stage
+    through params (``{"_autoencoder_dir": ...}``).
+    """
     limit_threads()
     adata = ad.read_h5ad(processed)
     train = adata[adata.obs[SPLIT] == "train"].copy()
     val = adata[adata.obs[SPLIT] == "val"].copy()
     context = _context(dataset, adata, pca, esm2, seed)
+    params = {**params, **(stage_inputs or {})}
     # Snakemake deletes a failed job's declared outputs; resumable state therefore lives beside the
     # checkpoint and becomes it only when training has finished.
     final = Path(checkpoint_dir)
     work = final.with_name(final.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    get_model(model_cfg["type"]).fit(train, val, context, params, work)
+    getattr(get_model(model_cfg["type"]), stage)(train, val, context, params, work)
     write_text(
-        json.dumps({"model": dict(model_cfg), "params": dict(params), "seed": seed, "train_seconds": time.time() - started},
-                   indent=2, default=str),
+        json.dumps({"model": dict(model_cfg), "stage": stage, "params": dict(params), "seed": seed,
+                    "train_seconds": time.time() - started}, indent=2, default=str),
         work / "config_used.json",
     )
     if final.exists():
@@ -91,37 +99,73 @@ def train_step(
     os.replace(work, final)
 
 
+def group_columns(adata: ad.AnnData) -> list[str]:
+    """The dataset's ``group_by`` columns, recorded in ``uns`` by preprocessing (empty without groups)."""
+    return [str(g) for g in adata.uns.get("group_by", [])]
+
+
+def _groups_of(obs: pd.DataFrame, group_by: list[str]) -> list[tuple[tuple[str, ...], np.ndarray]]:
+    """(group values, row mask) per group, sorted; one all-rows group when there are no group columns."""
+    if not group_by:
+        return [((), np.ones(len(obs), dtype=bool))]
+    keys = obs[group_by].astype(str)
+    out = []
+    for values in sorted(set(map(tuple, keys.to_numpy().tolist()))):
+        out.append((values, (keys == pd.Series(values, index=group_by)).all(axis=1).to_numpy()))
+    return out
+
+
 def predict_step(
     dataset: str, model: str, truth: str, processed: str, pca: str, esm2: str, model_cfg: Mapping[str, Any],
     params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str, out_h5ad: str,
 ) -> None:
-    """Predicted cells for every test condition plus the real controls, in the truth's gene order."""
+    """Predicted cells for every test condition plus the real controls, in the truth's gene order.
+
+    With ``group_by`` (in the truth's ``uns``) the model is asked once per group, with that group's
+    control cells (whose obs carry the covariates) and that group's test conditions; predicted
+    cells carry the group columns in obs.
+    """
     limit_threads()
     truth_adata = ad.read_h5ad(truth)
     control_label = truth_adata.uns["control_label"]
-    conditions = sorted(set(truth_adata.obs[CONDITION]) - {control_label})
-    control = truth_adata[truth_adata.obs[IS_CONTROL].to_numpy()].copy()
+    group_by = group_columns(truth_adata)
+    is_control = truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool)
     context = _context(dataset, truth_adata, pca, esm2, int(sampling.get("seed", 0)))
     n_cells = int(sampling["n_cells_per_condition"])  # generative models; baselines return the control set
-    started = time.time()
-    cells = get_model(model_cfg["type"]).sample(
-        Path(checkpoint_dir), conditions, control, n_cells, context, params, sampling
-    )
-    seconds = time.time() - started
-    blocks, labels = [], []
-    for condition in conditions:
-        x = np.asarray(cells[condition], dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
-            raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
-        blocks.append(x)
-        labels += [condition] * x.shape[0]
+    model_impl = get_model(model_cfg["type"])
+    blocks, labels, group_rows = [], [], []
+    seconds = 0.0
+    for values, rows in _groups_of(truth_adata.obs, group_by):
+        conditions = sorted(set(truth_adata.obs.loc[rows & ~is_control, CONDITION].astype(str)) - {control_label})
+        if not conditions:
+            continue
+        control = truth_adata[rows & is_control].copy()
+        if control.n_obs == 0:
+            raise ValueError(f"group {dict(zip(group_by, values))} has test conditions but no control cells")
+        started = time.time()
+        cells = model_impl.sample(Path(checkpoint_dir), conditions, control, n_cells, context, params, sampling)
+        seconds += time.time() - started
+        for condition in conditions:
+            x = np.asarray(cells[condition], dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
+                raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
+            blocks.append(x)
+            labels += [condition] * x.shape[0]
+            group_rows += [values] * x.shape[0]
+    control = truth_adata[is_control]
     blocks.append(np.asarray(control.X, dtype=np.float32))
     labels += [control_label] * control.n_obs
+    if group_by:
+        group_rows += list(map(tuple, control.obs[group_by].astype(str).to_numpy().tolist()))
     obs = pd.DataFrame({CONDITION: labels}, index=[f"pred_{i}" for i in range(len(labels))])
+    for j, column in enumerate(group_by):
+        obs[column] = [g[j] for g in group_rows]
     pred = ad.AnnData(X=np.vstack(blocks), obs=obs, var=truth_adata.var[[]].copy())
     pred.uns = {
         "model": model, "dataset": dataset, "model_type": model_cfg["type"], "control_label": control_label,
         "sampler": {k: sampling[k] for k in sampling}, "sample_seconds": seconds,
         "note": "gene-space values from PCA or mean shifts are clipped at 0 (log-expression cannot be negative)",
     }
+    if group_by:
+        pred.uns["group_by"] = group_by
     write_h5ad(pred, out_h5ad)

@@ -81,7 +81,11 @@ def fetch_source(
     """
     url = source.get("url")
     if not url:
-        raise PipelineInputError("config", "source.url", "dataset has neither a bundled path nor a URL")
+        hint = source.get("how_to_get")
+        raise PipelineInputError(
+            "config", "source.url",
+            f"no download URL for {out}" + (f"; how to get it: {hint}" if hint else "; the dataset has neither a bundled path nor a URL"),
+        )  # fmt: skip
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     out = Path(out)
@@ -230,6 +234,20 @@ def _log_progress(url: str, done: int, total: int | None) -> None:
 
 
 def _extract(url: str, archive: Path, member: str, dest: Path) -> None:
+    with open(archive, "rb") as head:
+        gzipped = head.read(2) == b"\x1f\x8b"
+    if gzipped:  # a single gzipped file (e.g. PerturBench's *.h5ad.gz): ``member`` names the decompressed file
+        import gzip
+
+        try:
+            with gzip.open(archive, "rb") as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=CHUNK_SIZE)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except (OSError, EOFError) as err:
+            archive.unlink(missing_ok=True)  # complete but corrupt: resuming cannot fix it
+            raise PipelineInputError(url, "source.archive_member", f"download is not a valid gzip file ({err})") from err
+        return
     try:
         with zipfile.ZipFile(archive) as zf:
             try:

@@ -8,7 +8,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
-from sklearn.decomposition import PCA
 
 from ..errors import PipelineInputError
 from ..io import atomic_path
@@ -49,6 +48,8 @@ def fit_pca(adata: ad.AnnData, n_components: int, seed: int) -> PCABasis:
     """Fit on the train split's cells only (controls are train cells)."""
     train = dense(adata[adata.obs[SPLIT] == "train"].X)
     n = min(n_components, train.shape[0] - 1, train.shape[1])
+    from sklearn.decomposition import PCA  # here: every model job loads a basis, only this step fits one
+
     model = PCA(n_components=n, svd_solver="full" if train.shape[1] <= 2000 else "randomized", random_state=seed)
     model.fit(train)
     return PCABasis(

@@ -7,7 +7,6 @@ from typing import Any, Mapping
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from ..errors import PipelineInputError
@@ -18,19 +17,49 @@ SPLIT = "split"
 SUBGROUP = "subgroup"
 
 
-def attach_split(adata: ad.AnnData, split_table: pd.DataFrame, split_source: str) -> ad.AnnData:
-    """Add ``split``/``subgroup`` per cell from the condition-level table; every condition must be listed."""
-    mapping = split_table.set_index(CONDITION)
-    missing = sorted(set(adata.obs[CONDITION]) - set(mapping.index))
-    if missing:
-        raise PipelineInputError(split_source, CONDITION, f"conditions without a split: {missing[:5]}")
-    adata.obs[SPLIT] = adata.obs[CONDITION].map(mapping[SPLIT]).astype(str).values
-    adata.obs[SUBGROUP] = adata.obs[CONDITION].map(mapping[SUBGROUP].fillna("")).astype(str).values
+def attach_split(
+    adata: ad.AnnData, split_table: pd.DataFrame, split_source: str, group_by: list[str] | tuple[str, ...] = ()
+) -> ad.AnnData:
+    """Add ``split``/``subgroup`` per cell from the (condition [+ group_by]) table; every pair must be listed."""
+    keys = [CONDITION, *group_by]
+    missing_cols = [c for c in keys if c not in split_table.columns]
+    if missing_cols:
+        raise PipelineInputError(split_source, ",".join(missing_cols), f"split table lacks column(s) {missing_cols}")
+    table = split_table.copy()
+    for column in keys:
+        table[column] = table[column].astype(str)
+    if table.duplicated(keys).any():
+        dup = table.loc[table.duplicated(keys), keys].head(3).values.tolist()
+        raise PipelineInputError(split_source, CONDITION, f"repeated (condition, group) rows: {dup}")
+    cells = adata.obs[keys].astype(str).reset_index(drop=True)
+    joined = cells.merge(table[[*keys, SPLIT, SUBGROUP]], on=keys, how="left", sort=False)
+    unlisted = joined[SPLIT].isna()
+    if unlisted.any():
+        missing = sorted({tuple(r) if len(r) > 1 else r[0] for r in joined.loc[unlisted, keys].values.tolist()})
+        what = "conditions" if not group_by else f"(condition, {', '.join(group_by)}) pairs"
+        raise PipelineInputError(split_source, CONDITION, f"{what} without a split: {missing[:5]}")
+    adata.obs[SPLIT] = joined[SPLIT].astype(str).to_numpy()
+    adata.obs[SUBGROUP] = joined[SUBGROUP].fillna("").astype(str).to_numpy()
     return adata
+
+
+def resplit_controls(adata: ad.AnnData, seed: int, train_control_fraction: float) -> None:
+    """PerturBench's control-cell split (train / val / test), in place, cells in file order.
+
+    Only train controls then feed training and every train-fitted statistic; the truth keeps the
+    test controls (see :func:`perturb_repro.data.perturbench_split.split_control_cells`).
+    """
+    from .perturbench_split import split_control_cells
+
+    is_control = adata.obs[IS_CONTROL].to_numpy(dtype=bool)
+    split = adata.obs[SPLIT].astype(str).to_numpy().copy()
+    split[is_control] = split_control_cells(int(is_control.sum()), seed, train_control_fraction)
+    adata.obs[SPLIT] = split
 
 
 def log_normalise(adata: ad.AnnData, target_sum: float) -> None:
     """Per-cell normalisation with a fixed target sum, so no statistic is shared across cells."""
+    import scanpy as sc  # imported here: most jobs never preprocess, and scanpy costs seconds to import
     adata.layers["counts"] = adata.X.copy()
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
@@ -42,6 +71,7 @@ def select_hvgs(adata: ad.AnnData, n_top_genes: int | None, flavor: str, must_ke
     ``must_keep`` (e.g. perturbed genes present in the panel) are added after the ranking, as
     PerturBench does, so a target gene is never dropped.
     """
+    import scanpy as sc
     if n_top_genes is None or n_top_genes >= adata.n_vars:
         return list(adata.var_names)
     train = adata[adata.obs[SPLIT] == "train"]
@@ -54,29 +84,145 @@ def select_hvgs(adata: ad.AnnData, n_top_genes: int | None, flavor: str, must_ke
     return [g for g in adata.var_names if g in chosen]
 
 
+def _train_counts(train: ad.AnnData):
+    return train.layers["counts"] if "counts" in train.layers else train.X
+
+
+def _group_labels(obs: pd.DataFrame, group_by: list[str]) -> pd.Series:
+    """PerturBench's ``merge_cols``: group columns joined by '_' (one constant group without group_by)."""
+    if not group_by:
+        return pd.Series("all", index=obs.index)
+    return obs[list(group_by)].astype(str).agg("_".join, axis=1)
+
+
+def top_degs(train: ad.AnnData, control_label: str, group_by: list[str], n_degs: int) -> set[str]:
+    """Union of each train condition's top ``n_degs`` genes vs its group's train controls.
+
+    PerturBench's ``differential_expression_by_covariate``: per covariate group, scanpy
+    ``rank_genes_groups(groupby=condition, reference=control, rankby_abs=True, n_genes=n_degs)``
+    (default t-test) on log-normalised values -- here on train cells only. Conditions with fewer
+    than two train cells in a group are skipped (the t-test needs a variance).
+    """
+    import scanpy as sc
+    import warnings
+
+    genes: set[str] = set()
+    labels = _group_labels(train.obs, group_by)
+    for label in sorted(labels.unique()):
+        sub = train[(labels == label).to_numpy()]
+        counts = sub.obs[CONDITION].astype(str).value_counts()
+        if counts.get(control_label, 0) < 2:
+            continue
+        wanted = sorted(c for c, n in counts.items() if n >= 2 and c != control_label)
+        if not wanted:
+            continue
+        keep = sub.obs[CONDITION].astype(str).isin(wanted + [control_label]).to_numpy()
+        de = ad.AnnData(
+            X=sub.X[keep],
+            obs=pd.DataFrame({"_cond": pd.Categorical(sub.obs[CONDITION].astype(str).to_numpy()[keep])},
+                             index=[str(i) for i in range(int(keep.sum()))]),
+            var=pd.DataFrame(index=sub.var_names),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.tl.rank_genes_groups(
+                de, groupby="_cond", groups=wanted, reference=control_label, rankby_abs=True,
+                n_genes=n_degs, use_raw=False,
+            )
+        names = de.uns["rank_genes_groups"]["names"]
+        for condition in wanted:
+            genes.update(str(g) for g in names[condition])
+    return genes
+
+
+def select_genes_perturbench(
+    adata: ad.AnnData,
+    control_label: str,
+    group_by: list[str],
+    n_top_genes: int,
+    n_degs: int,
+    must_keep: list[str],
+    min_cells: int = 10,
+    flavor: str = "seurat_v3",
+) -> list[str]:
+    """PerturBench's gene panel (``analysis/preprocess.py: preprocess``), every statistic from train cells.
+
+    Upstream: ``filter_genes(min_cells=10)``, then ``highly_variable_genes(flavor='seurat_v3',
+    layer='counts', batch_key=<merged covariates>, n_top_genes=4000)`` union the top-``degs`` (25)
+    DEGs per (perturbation, covariate) union the perturbed genes -- computed on all cells. Here the
+    gene filter, the HVG ranking and the DEGs see train cells only (raw counts from
+    ``layers['counts']`` when present); perturbed genes present in the panel are always kept.
+    Returns genes in the input order.
+    """
+    import scanpy as sc
+    train = adata[adata.obs[SPLIT] == "train"]
+    counts = _train_counts(train)
+    n_cells = np.asarray((counts > 0).sum(axis=0)).ravel()
+    expressed = n_cells >= min_cells
+    sub = train[:, expressed].copy()
+    chosen: set[str] = set()
+    if n_top_genes and n_top_genes < sub.n_vars:
+        layer = "counts" if flavor == "seurat_v3" and "counts" in sub.layers else None
+        sub.obs["_hvg_batch"] = _group_labels(sub.obs, group_by).to_numpy()
+        batch = "_hvg_batch" if sub.obs["_hvg_batch"].nunique() > 1 else None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = sc.pp.highly_variable_genes(
+                sub, n_top_genes=int(n_top_genes), flavor=flavor, layer=layer, batch_key=batch, inplace=False
+            )
+        chosen |= set(sub.var_names[np.asarray(table["highly_variable"], dtype=bool)])
+    else:
+        chosen |= set(sub.var_names)
+    if n_degs:
+        chosen |= top_degs(sub, control_label, group_by, int(n_degs))
+    chosen |= {g for g in must_keep if g in adata.var_names}
+    return [g for g in adata.var_names if g in chosen]
+
+
 def preprocess(
     adata: ad.AnnData, split_table: pd.DataFrame, dataset_cfg: Mapping[str, Any], split_source: str
 ) -> ad.AnnData:
     """Raw cells -> processed cells (log-normalised, HVGs, obs: condition, split, subgroup, covariates)."""
-    attach_split(adata, split_table, split_source)
+    group_by = list(dataset_cfg.get("group_by") or [])
+    attach_split(adata, split_table, split_source, group_by)
+    split_cfg = dataset_cfg.get("split") or {}
+    if split_cfg.get("train_control_fraction") is not None:
+        resplit_controls(adata, int(split_cfg.get("seed", 0)), float(split_cfg["train_control_fraction"]))
     prep = dataset_cfg.get("preprocess", {})
     if prep.get("normalize", False):
         log_normalise(adata, float(prep.get("target_sum", 1e4)))
     targets = unique_genes(adata.obs[CONDITION].unique(), dataset_cfg["control_label"])
-    genes = select_hvgs(adata, prep.get("n_top_genes"), prep.get("hvg_flavor", "seurat_v3"), targets)
+    if prep.get("gene_selection", "hvg") == "perturbench":
+        genes = select_genes_perturbench(
+            adata, dataset_cfg["control_label"], group_by, prep.get("n_top_genes") or 0,
+            int(prep.get("n_degs", 25)), targets, int(prep.get("min_cells", 10)), prep.get("hvg_flavor", "seurat_v3"),
+        )
+    else:
+        genes = select_hvgs(adata, prep.get("n_top_genes"), prep.get("hvg_flavor", "seurat_v3"), targets)
     out = adata[:, genes].copy()
-    keep = [CONDITION, IS_CONTROL, SPLIT, SUBGROUP, *dataset_cfg.get("covariates", [])]
+    covariates = list(dict.fromkeys([*dataset_cfg.get("covariates", []), *group_by]))
+    keep = [CONDITION, IS_CONTROL, SPLIT, SUBGROUP, *covariates]
     out.obs = out.obs[keep].copy()
-    for column in [CONDITION, SPLIT, SUBGROUP, *dataset_cfg.get("covariates", [])]:
+    for column in [CONDITION, SPLIT, SUBGROUP, *covariates]:
         out.obs[column] = out.obs[column].astype(str)
+    counts = out.layers.get("counts") if prep.get("keep_counts", False) else None
+    if prep.get("keep_counts", False) and counts is None:
+        raise PipelineInputError(split_source, "preprocess.keep_counts", "no raw counts: set normalize or a counts reader")
     out.layers.clear()
+    if counts is not None:  # raw counts of the kept genes (scLDM); sparse stays sparse
+        out.layers["counts"] = counts.astype(np.float32) if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
     out.X = out.X.astype(np.float32) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
     out.uns = {"dataset": dataset_cfg.get("name", ""), "control_label": dataset_cfg["control_label"]}
+    if group_by:
+        out.uns["group_by"] = group_by
     return out
 
 
 def summary(adata: ad.AnnData) -> dict:
     """Cells, genes and conditions per split: the JSON the report shows."""
+    group_by = [str(g) for g in adata.uns.get("group_by", [])]
     per_split = {}
     for split, frame in adata.obs.groupby(SPLIT, observed=True):
         per_split[split] = {
@@ -84,4 +230,6 @@ def summary(adata: ad.AnnData) -> dict:
             "conditions": int(frame[CONDITION].nunique()),
             "subgroups": {k: int(v) for k, v in frame.groupby(SUBGROUP, observed=True)[CONDITION].nunique().items() if k},
         }
+        if group_by:  # (condition, group) pairs, the unit a covariate-aware split holds out
+            per_split[split]["pairs"] = int(len(frame[[CONDITION, *group_by]].drop_duplicates()))
     return {"cells": int(adata.n_obs), "genes": int(adata.n_vars), "splits": per_split}

@@ -35,7 +35,9 @@ def verify_sha256(path: str | Path, expected: str | None) -> str:
     return actual
 
 
-def load_source(path: str | Path, dataset_cfg: Mapping[str, Any], verify: bool = True) -> ad.AnnData:
+def load_source(
+    path: str | Path, dataset_cfg: Mapping[str, Any], verify: bool = True, obs_only: bool = False
+) -> ad.AnnData:
     """Load the cells of one configured dataset with canonical ``condition`` and ``is_control`` columns.
 
     Args:
@@ -43,14 +45,30 @@ def load_source(path: str | Path, dataset_cfg: Mapping[str, Any], verify: bool =
         dataset_cfg: The dataset's config entry (``perturbation_column``, ``control_label``,
             optional ``obs_filter`` and ``source.sha256``).
         verify: Check the sha256 first (the download rule already did for fetched files).
+        obs_only: Only obs is needed (the split step): X is not read (the returned AnnData has
+            no genes).
+
+    With ``source.reader: backed_chunked`` (very large files) the file is read in row chunks
+    restricted to ``source.gene_panel``: see :func:`perturb_repro.data.cd4.read_backed_chunked`.
     """
     if verify:
         verify_sha256(path, dataset_cfg["source"].get("sha256"))
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as err:  # h5py raises many types for a damaged file
-        raise PipelineInputError(path, "h5ad", f"cannot be read as AnnData ({err})") from err
-    for column, value in (dataset_cfg.get("obs_filter") or {}).items():
+    chunked = dataset_cfg["source"].get("reader", "memory") == "backed_chunked"
+    if chunked:
+        from .cd4 import read_backed_chunked  # applies obs_filter itself
+
+        adata = read_backed_chunked(path, dataset_cfg, obs_only=obs_only)
+    else:
+        try:
+            if obs_only:  # backed: obs is read, X stays on disk
+                backed = ad.read_h5ad(path, backed="r")
+                adata = ad.AnnData(obs=backed.obs.copy())
+                backed.file.close()
+            else:
+                adata = ad.read_h5ad(path)
+        except Exception as err:  # h5py raises many types for a damaged file
+            raise PipelineInputError(path, "h5ad", f"cannot be read as AnnData ({err})") from err
+    for column, value in ({} if chunked else dataset_cfg.get("obs_filter") or {}).items():
         if column not in adata.obs:
             raise PipelineInputError(path, f"obs['{column}']", "column named in obs_filter is missing")
         adata = adata[adata.obs[column].astype(str) == str(value)].copy()
@@ -71,9 +89,12 @@ def load_source(path: str | Path, dataset_cfg: Mapping[str, Any], verify: bool =
     for covariate in dataset_cfg.get("covariates", []):
         if covariate not in adata.obs:
             raise PipelineInputError(path, f"obs['{covariate}']", "covariate column named in the config is missing")
+    for column in dataset_cfg.get("group_by") or []:
+        if column not in adata.obs:
+            raise PipelineInputError(path, f"obs['{column}']", "group_by column named in the config is missing")
     adata.obs[CONDITION] = labels.values
     adata.obs[IS_CONTROL] = (labels == control).values
     adata.var_names_make_unique()
-    if not np.issubdtype(adata.X.dtype, np.floating):
+    if adata.X is not None and not np.issubdtype(adata.X.dtype, np.floating):
         adata.X = adata.X.astype(np.float32)
     return adata

@@ -112,13 +112,79 @@ def gears_split_table(
     return table.sort_values(["split", "subgroup", "condition"]).reset_index(drop=True)
 
 
-SPLIT_RECIPES = {"gears_simulation": gears_split_table}
+def _gears_recipe(pairs: pd.DataFrame, control_label: str, **params) -> pd.DataFrame:
+    """GEARS splits conditions; with group columns every (condition, group) row takes its condition's split."""
+    table = gears_split_table(list(pairs[CONDITION].astype(str)), control_label, **params)
+    groups = [c for c in pairs.columns if c != CONDITION]
+    if not groups:
+        return table
+    rows = pairs[[CONDITION, *groups]].astype(str).drop_duplicates()
+    out = rows.merge(table, on=CONDITION, how="left", validate="many_to_one")
+    return out.sort_values(["split", "subgroup", *groups, CONDITION], kind="stable").reset_index(drop=True)
 
 
-def make_split(conditions: list[str], control_label: str, recipe: str, **params) -> pd.DataFrame:
-    """Dispatch a configured split recipe by name."""
+def _perturbench_combo(pairs: pd.DataFrame, control_label: str, **params) -> pd.DataFrame:
+    from .perturbench_split import perturbench_combo_table
+
+    return perturbench_combo_table(pairs, control_label, **params)
+
+
+def _perturbench_covariate_transfer(pairs: pd.DataFrame, control_label: str, **params) -> pd.DataFrame:
+    from .perturbench_split import perturbench_covariate_transfer_table
+
+    return perturbench_covariate_transfer_table(pairs, control_label, **params)
+
+
+def _replogle_cross_cell_line(pairs: pd.DataFrame, control_label: str, **params) -> pd.DataFrame:
+    from .replogle import replogle_cross_cell_line_split
+
+    return replogle_cross_cell_line_split(pairs, control_label, **params)
+
+
+def _cd4_context_holdout(pairs: pd.DataFrame, control_label: str, **params) -> pd.DataFrame:
+    from .cd4 import cd4_context_holdout_split
+
+    return cd4_context_holdout_split(pairs, control_label, **params)
+
+
+CONDITION = "condition"
+SPLIT_RECIPES = {
+    "gears_simulation": _gears_recipe,
+    "perturbench_combo": _perturbench_combo,
+    "perturbench_covariate_transfer": _perturbench_covariate_transfer,
+    "replogle_cross_cell_line": _replogle_cross_cell_line,
+    "cd4_context_holdout": _cd4_context_holdout,
+}
+
+
+def condition_pairs(obs: pd.DataFrame, group_by: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Unique (condition [+ group columns]) rows of the cells, in the order they first appear.
+
+    PerturBench's splitter draws over perturbations in first-appearance order, so the order is kept.
+    """
+    missing = [c for c in [CONDITION, *group_by] if c not in obs.columns]
+    if missing:
+        raise ValueError(f"obs lacks column(s) {missing} needed for the split")
+    return obs[[CONDITION, *group_by]].astype(str).drop_duplicates().reset_index(drop=True)
+
+
+def make_split(pairs: pd.DataFrame | list[str], control_label: str, recipe: str, **params) -> pd.DataFrame:
+    """Dispatch a configured split recipe by name.
+
+    Args:
+        pairs: The unique (condition [+ group_by columns]) rows of the raw cells (see
+            :func:`condition_pairs`); a plain list of conditions means no group columns.
+        control_label: Label of the control condition.
+        recipe: A key of :data:`SPLIT_RECIPES`.
+        params: The recipe's settings (``split`` config minus ``recipe``).
+
+    Returns:
+        One row per pair: ``condition``, the group columns, ``split``, ``subgroup``.
+    """
     try:
         fn = SPLIT_RECIPES[recipe]
     except KeyError:
         raise ValueError(f"unknown split recipe '{recipe}'; known: {sorted(SPLIT_RECIPES)}") from None
-    return fn(conditions, control_label, **params)
+    if not isinstance(pairs, pd.DataFrame):
+        pairs = pd.DataFrame({CONDITION: [str(c) for c in pairs]})
+    return fn(pairs, control_label, **params)

@@ -14,7 +14,13 @@ Where we deliberately differ from cellflow-tools 0.x ``protein_features_from_gen
   residues are kept) but then averages positions ``1 .. 1022``, which includes the EOS token for
   sequences longer than 1020 residues. We truncate the same way but never average the EOS token.
 * cellflow silently leaves genes without a protein sequence out of its result; we raise unless the
-  caller explicitly allows missing genes, and then record them in the output file.
+  caller explicitly allows missing genes, and then record them in the output file. Either way
+  :func:`run_esm2` lists them in ``<out>_missing_genes.csv`` beside the ``.npz``.
+
+Sequences come from a UniProt FASTA (``>sp|P12345|NAME_HUMAN ... GN=SYMBOL ...``, keyed by ``GN=``,
+canonical reviewed entry preferred; :mod:`perturb_repro.embed.uniprot`) or from a ``>SYMBOL`` FASTA
+such as the demo placeholders. The ``.npz`` records the FASTA's path, format, sha256 and UniProt
+release (``sequence_*`` keys, see :func:`read_metadata`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from perturb_repro.data.conditions import unique_genes
+from perturb_repro.data.source import sha256_of
+from perturb_repro.embed.uniprot import SequenceSet, first_header, is_uniprot_header, read_release, read_uniprot_fasta
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import atomic_path
+from perturb_repro.io import atomic_path, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +108,38 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     if empty:
         raise PipelineInputError(source, "sequence", f"gene(s) {empty} have an empty sequence")
     return sequences
+
+
+def load_sequences(
+    path: str | os.PathLike,
+    *,
+    taxon_id: int | None = None,
+    release: str | None = None,
+    release_note: str | os.PathLike | None = None,
+) -> SequenceSet:
+    """Gene symbol -> sequence from either FASTA format, with its provenance.
+
+    A file whose first header is a UniProt header (``>sp|P12345|NAME_HUMAN ... GN=SYMBOL ...``) is read
+    by :func:`perturb_repro.embed.uniprot.read_uniprot_fasta` (keyed by ``GN=``, canonical reviewed
+    entry preferred); any other file by :func:`read_fasta` (``>SYMBOL description``, e.g. the demo
+    placeholders).
+
+    Args:
+        path: FASTA file.
+        taxon_id: UniProt only: keep records with this ``OX=``.
+        release: UniProt release to record (wins over ``release_note``).
+        release_note: UniProt ``reldate.txt`` to read the release from.
+    """
+    header = first_header(path)
+    if header is not None and is_uniprot_header(header):
+        return read_uniprot_fasta(path, taxon_id=taxon_id, release=read_release(release, release_note))
+    return SequenceSet(read_fasta(path), source=str(path), format="symbol", release=read_release(release, release_note))
+
+
+def missing_report_path(out_path: str | os.PathLike) -> Path:
+    """Where :func:`run_esm2` lists the genes without a sequence: ``<out stem>_missing_genes.csv`` beside it."""
+    out = Path(out_path)
+    return out.with_name(out.stem + "_missing_genes.csv")
 
 
 def genes_of_conditions(conditions: Iterable[str], control_label: str, delimiter: str = "+") -> list[str]:
@@ -270,6 +311,7 @@ def write_embeddings(
     control_label: str,
     model_name: str,
     missing: Sequence[str],
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write gene embeddings to an ``.npz`` file, atomically.
 
@@ -284,6 +326,8 @@ def write_embeddings(
         control_label: Label of the unperturbed control; must not be one of the genes.
         model_name: Model name or path used, recorded for provenance.
         missing: Genes left without an embedding.
+        metadata: Extra provenance stored as 0-d string arrays (e.g. ``sequence_source``,
+            ``sequence_release``); keys must not clash with the arrays above.
 
     Returns:
         The written path.
@@ -306,6 +350,10 @@ def write_embeddings(
         if not np.all(np.isfinite(vec)):
             raise PipelineInputError(source, "embeddings", f"gene '{gene}' has non-finite values")
     matrix = np.vstack([np.zeros(dim, dtype=np.float32)] + vectors).astype(np.float32)
+    extra = {str(k): np.array("" if v is None else str(v), dtype=str) for k, v in (metadata or {}).items()}
+    clash = sorted(set(extra) & set(NPZ_KEYS))
+    if clash:
+        raise PipelineInputError(source, "metadata", f"metadata keys {clash} clash with the embedding arrays")
     with atomic_path(path) as tmp:
         # Write through a file handle so numpy cannot append its own ".npz" to the temp name.
         with open(tmp, "wb") as fh:
@@ -316,6 +364,7 @@ def write_embeddings(
                 control_label=np.array(control_label, dtype=str),
                 model_name=np.array(str(model_name), dtype=str),
                 missing=np.array(sorted(missing), dtype=str).reshape(-1),
+                **extra,
             )
     return Path(path)
 
@@ -359,6 +408,12 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {str(g): matrix[i].astype(np.float32, copy=True) for i, g in enumerate(genes)}
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The 0-d string arrays of an embedding ``.npz`` (model name, control label, sequence provenance)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: str(npz[key]) for key in npz.files if npz[key].ndim == 0}
+
+
 def run_esm2(
     conditions: Iterable[str],
     control_label: str,
@@ -370,19 +425,30 @@ def run_esm2(
     allow_missing: bool = False,
     device: str | None = None,
     max_length: int | None = None,
+    release: str | None = None,
+    release_note: str | os.PathLike | None = None,
+    taxon_id: int | None = None,
 ) -> Path:
     """Embed every gene perturbed in ``conditions`` and write the ``.npz`` (the Snakemake rule's entry point).
+
+    Genes without a sequence are never given a zero vector: they are listed in
+    :func:`missing_report_path` (CSV ``gene,reason``, written on every run, empty when none is
+    missing) and logged, and then the run fails unless ``allow_missing``, in which case they are
+    recorded in the file's ``missing`` array.
 
     Args:
         conditions: Condition labels (e.g. the unique values of ``obs['condition']``).
         control_label: Label of the unperturbed control; gets the zero vector.
-        fasta_path: Protein FASTA with one record per gene symbol.
+        fasta_path: Protein FASTA: UniProt headers (keyed by ``GN=``) or ``>SYMBOL`` headers.
         model_name_or_path: ESM2 hub name or local directory.
         out_path: Output ``.npz``.
         batch_size: Sequences per forward pass.
         allow_missing: Record genes without a sequence in the file's ``missing`` array instead of failing.
         device: Torch device; ``None`` picks CUDA when available.
         max_length: Token budget incl. CLS/EOS (see :func:`embed_genes`).
+        release: UniProt release recorded in the ``.npz`` (``sequence_release``).
+        release_note: UniProt ``reldate.txt`` to read the release from when ``release`` is unset.
+        taxon_id: UniProt only: keep records with this ``OX=`` (e.g. 9606).
 
     Returns:
         The written path.
@@ -390,10 +456,25 @@ def run_esm2(
     genes = genes_of_conditions(conditions, control_label)
     if not genes:
         raise PipelineInputError("conditions", "condition", f"no perturbed genes besides '{control_label}'")
-    sequences = read_fasta(fasta_path)
+    seqset = load_sequences(fasta_path, taxon_id=taxon_id, release=release, release_note=release_note)
+    missing = [g for g in genes if g not in seqset.sequences]
+    report = missing_report_path(out_path)
+    reason = "no UniProt record with this GN= symbol" if seqset.format == "uniprot" else "no FASTA record"
+    write_csv(pd.DataFrame({"gene": missing, "reason": [reason] * len(missing)}), report, index=False)
+    if missing:
+        logger.warning(
+            "ESM2: no sequence in %s for %d of %d gene(s) (listed in %s): %s",
+            fasta_path, len(missing), len(genes), report, missing,
+        )  # fmt: skip
+        if not allow_missing:
+            raise PipelineInputError(
+                str(fasta_path), "sequence",
+                f"no protein sequence for {len(missing)} gene(s) {missing[:20]} (all listed in {report}); "
+                "fix the FASTA or set esm2.allow_missing: true to leave them without an embedding",
+            )  # fmt: skip
     embeddings, missing = embed_genes(
         genes,
-        sequences,
+        seqset.sequences,
         model_name_or_path,
         batch_size=batch_size,
         device=device,
@@ -401,10 +482,12 @@ def run_esm2(
         allow_missing=allow_missing,
         sequences_source=str(fasta_path),
     )
-    if missing:
-        logger.warning(
-            "ESM2: no sequence in %s for %d gene(s), recorded as missing: %s", fasta_path, len(missing), missing
-        )
     if not embeddings:
         raise PipelineInputError(str(fasta_path), "sequence", f"none of the genes {genes} has a sequence")
-    return write_embeddings(out_path, embeddings, control_label, str(model_name_or_path), missing)
+    metadata = {
+        "sequence_source": seqset.source,
+        "sequence_format": seqset.format,
+        "sequence_release": seqset.release or "",
+        "sequence_sha256": sha256_of(fasta_path),
+    }
+    return write_embeddings(out_path, embeddings, control_label, str(model_name_or_path), missing, metadata)

@@ -59,14 +59,22 @@ MODEL_REGISTRY: dict[str, str] = {
     "linear": "perturb_repro.models.perturbench_baselines:LinearAdditive",
     "latent_additive": "perturb_repro.models.perturbench_baselines:LatentAdditive",
     "decoder_only": "perturb_repro.models.perturbench_baselines:DecoderOnly",
+    "cpa": "perturb_repro.models.cpa:CPA",  # CPA (noAdv): preset with model.use_adversary false
+    "biolord": "perturb_repro.models.biolord:Biolord",
+    "sams_vae": "perturb_repro.models.sams_vae:SAMSVAE",  # SAMS-VAE (S): preset with model.sparse_additive_mechanism true
     "scgpt": "perturb_repro.models.scgpt:ScGPTModel",
     "primeflow": "perturb_repro.models.primeflow:PRiMeFlowModel",
+    "scldm": "perturb_repro.models.scldm:ScLDMModel",
 }
 
 # Private modules a model's code also lives in: a change to them retrains the model too.
 MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
     "scgpt": ["perturb_repro.models._scgpt_loading"],
     "primeflow": ["perturb_repro.models._unet1d"],
+    "scldm": ["perturb_repro.models._scldm_nets"],
+    "cpa": ["perturb_repro.models.perturbench_baselines"],
+    "biolord": ["perturb_repro.models.cpa", "perturb_repro.models.perturbench_baselines"],
+    "sams_vae": ["perturb_repro.models.perturbench_baselines"],
 }
 
 

@@ -404,6 +404,25 @@ class _PerturBenchModel:
             "device": _device(training),
         }
 
+    def _build(self, encoder: InputEncoder, n_genes: int, params: Mapping[str, Any]) -> nn.Module:
+        return self.build_net(n_genes, encoder.n_perts, encoder.n_covariates, params)
+
+    # -- hooks for models trained on other cell sets or losses (cpa.py, biolord.py)
+
+    def _prepare(self, train: ad.AnnData, val: ad.AnnData | None, params, control_label: str):
+        """Input encoder, train pairs and validation pairs (None without perturbed validation cells)."""
+        perturbed_mask = ~train.obs[IS_CONTROL].to_numpy(dtype=bool)
+        encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], control_label)
+        train_ctrl = _controls_of(train)
+        data = _paired(train, train_ctrl, encoder)
+        val_data = _paired(val, _controls_of(val), encoder, fallback=train_ctrl) if _has_perturbed(val) else None
+        return encoder, data, val_data
+
+    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int) -> torch.Tensor:
+        """Loss of one training batch (``index_in_epoch`` is Lightning's ``batch_idx``)."""
+        target, control, pert, cov = batch
+        return F.mse_loss(net(control, pert, cov), target)
+
     # -- fit
 
     def fit(self, train: ad.AnnData, val: ad.AnnData | None, context: ModelContext, params, checkpoint_dir: Path) -> None:
@@ -414,15 +433,11 @@ class _PerturBenchModel:
         seed = int(context.seed)
         control_label = context.control_label
 
-        perturbed_mask = ~train.obs[IS_CONTROL].to_numpy(dtype=bool)
-        encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], control_label)
-        train_ctrl = _controls_of(train)
-        data = _paired(train, train_ctrl, encoder)
-        val_data = _paired(val, _controls_of(val), encoder, fallback=train_ctrl) if _has_perturbed(val) else None
+        encoder, data, val_data = self._prepare(train, val, params, control_label)
         n_genes = train.n_vars
 
         with _ForkedRNG(_seed(seed, STREAM_INIT, 0), device):
-            net = self.build_net(n_genes, encoder.n_perts, encoder.n_covariates, params).to(device)
+            net = self._build(encoder, n_genes, params).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["wd"])
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=hp["sched_factor"], patience=hp["sched_patience"])
         st = {
@@ -469,9 +484,9 @@ class _PerturBenchModel:
                     while k < steps_per_epoch:
                         rows = order[k * bs:(k + 1) * bs]
                         gen = torch.Generator().manual_seed(_seed(seed, STREAM_STEP, st["step"]))
-                        target, control, pert, cov = data.batch(rows, gen, device, net.uses_control)
+                        batch = data.batch(rows, gen, device, net.uses_control)
                         with _ForkedRNG(_seed(seed, STREAM_STEP, st["step"]), device):
-                            loss = F.mse_loss(net(control, pert, cov), target)
+                            loss = self._train_loss(net, batch, k)
                             opt.zero_grad(set_to_none=True)
                             loss.backward()
                             opt.step()
@@ -558,7 +573,7 @@ class _PerturBenchModel:
         if saved["kind"] != self.KIND:
             raise ValueError(f"{checkpoint_dir} holds a '{saved['kind']}' model, not '{self.KIND}'")
         encoder = InputEncoder.from_dict(saved["encoder"])
-        net = self.build_net(saved["n_genes"], encoder.n_perts, encoder.n_covariates, saved["params"])
+        net = self._build(encoder, saved["n_genes"], saved["params"])
         net.load_state_dict(saved["weights"])
         net.eval()
         return net, encoder, saved

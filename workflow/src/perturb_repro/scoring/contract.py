@@ -148,7 +148,40 @@ def _control_mean(adata: ad.AnnData, is_control: np.ndarray) -> np.ndarray:
     return np.asarray(rows.mean(axis=0, dtype=np.float64)).ravel()
 
 
-def check_truth(truth: ad.AnnData, pert_col: str, control_label: str, source: str) -> None:
+def group_columns(adata: ad.AnnData) -> list[str]:
+    """The ``group_by`` columns a processed/truth/prediction file records in ``uns`` (empty if none)."""
+    return [str(g) for g in adata.uns.get("group_by", [])]
+
+
+def _group_keys(adata: ad.AnnData, group_by: list[str], source: str) -> pd.Series:
+    """One tuple per cell of its group_by values, after checking the columns exist and are filled."""
+    for column in group_by:
+        if column not in adata.obs.columns:
+            raise PipelineInputError(source, f"obs['{column}']", "group column (dataset group_by) missing")
+        n_missing = int(adata.obs[column].isna().sum())
+        if n_missing:
+            raise PipelineInputError(source, f"obs['{column}']", f"{n_missing} cell(s) have no group value")
+    return pd.Series(list(map(tuple, adata.obs[group_by].astype(str).to_numpy().tolist())), index=adata.obs.index)
+
+
+def _check_groups_have_controls(
+    truth: ad.AnnData, labels: pd.Series, control_label: str, group_by: list[str], source: str
+) -> pd.Series:
+    keys = _group_keys(truth, group_by, source)
+    with_test = set(keys[labels != control_label])
+    with_ctrl = set(keys[labels == control_label])
+    lacking = with_test - with_ctrl
+    if lacking:
+        raise PipelineInputError(
+            source, f"obs['{control_label}']",
+            f"group(s) {_name_some(lacking)} of {group_by} have test cells but no control cells to score against",
+        )
+    return keys
+
+
+def check_truth(
+    truth: ad.AnnData, pert_col: str, control_label: str, source: str, group_by: list[str] | None = None
+) -> None:
     """Check a truth (real test + control cells) AnnData against the scoring contract.
 
     Args:
@@ -165,6 +198,9 @@ def check_truth(truth: ad.AnnData, pert_col: str, control_label: str, source: st
     labels = _labels(truth, pert_col, control_label, source)
     if (labels != control_label).sum() == 0:
         raise PipelineInputError(source, f"obs['{pert_col}']", "no non-control condition to score")
+    group_by = group_columns(truth) if group_by is None else list(group_by)
+    if group_by:
+        _check_groups_have_controls(truth, labels, control_label, group_by, source)
     _check_var_names_unique(truth, source)
     _check_values(truth, source)
 
@@ -176,8 +212,13 @@ def check_prediction(
     control_label: str,
     pred_source: str,
     truth_source: str,
+    group_by: list[str] | None = None,
 ) -> None:
     """Check a prediction AnnData against its truth file before scoring.
+
+    With ``group_by`` (default: the truth's ``uns['group_by']``) conditions are (condition, group)
+    pairs: the prediction must carry the group columns, predict exactly the truth's pairs, and carry
+    each group's real control cells.
 
     The prediction must have the truth's genes in the truth's order, exactly the truth's
     non-control conditions, the same control cells, and a dense float32 log1p ``.X``.
@@ -194,7 +235,8 @@ def check_prediction(
         PipelineInputError: Naming the offending file and field on any contract violation
             (see :func:`check_truth` for the truth-side checks).
     """
-    check_truth(truth, pert_col, control_label, truth_source)
+    group_by = group_columns(truth) if group_by is None else list(group_by)
+    check_truth(truth, pert_col, control_label, truth_source, group_by)
     pred_labels = _labels(pred, pert_col, control_label, pred_source)
     truth_labels = truth.obs[pert_col].astype(str)
 
@@ -236,6 +278,9 @@ def check_prediction(
             )
         raise PipelineInputError(pred_source, f"obs['{pert_col}']", "; ".join(parts))
 
+    if group_by:
+        _check_group_pairs(pred, truth, pred_labels, truth_labels, control_label, group_by, pred_source, truth_source)
+
     # the pipeline writes predictions dense float32; anything else means a producer bug
     if sp.issparse(pred.X) or not isinstance(pred.X, np.ndarray):
         raise PipelineInputError(pred_source, "X", f"expected a dense float32 array, got {type(pred.X).__name__}")
@@ -264,3 +309,40 @@ def check_prediction(
             f"{truth_genes[worst]!r} differs by {float(diff[worst]):.4g}): the prediction must carry "
             "the same real control cells",
         )
+
+
+def _check_group_pairs(
+    pred: ad.AnnData, truth: ad.AnnData, pred_labels: pd.Series, truth_labels: pd.Series, control_label: str,
+    group_by: list[str], pred_source: str, truth_source: str,
+) -> None:
+    """(condition, group) pairs must match, and every group must carry that group's real control cells."""
+    pred_keys = _group_keys(pred, group_by, pred_source)
+    truth_keys = _group_keys(truth, group_by, truth_source)
+    truth_pairs = {(c, k) for c, k in zip(truth_labels, truth_keys) if c != control_label}
+    pred_pairs = {(c, k) for c, k in zip(pred_labels, pred_keys) if c != control_label}
+    if truth_pairs != pred_pairs:
+        parts = []
+        if truth_pairs - pred_pairs:
+            parts.append(f"(condition, group) pair(s) of {truth_source} not predicted: {_name_some(truth_pairs - pred_pairs)}")
+        if pred_pairs - truth_pairs:
+            parts.append(f"pair(s) not in {truth_source}: {_name_some(pred_pairs - truth_pairs)}")
+        raise PipelineInputError(pred_source, f"obs[{group_by}]", "; ".join(parts))
+    pred_ctrl = np.asarray(pred_labels == control_label)
+    truth_ctrl = np.asarray(truth_labels == control_label)
+    for key in sorted(set(truth_keys[truth_ctrl]) | set(pred_keys[pred_ctrl])):
+        p = pred_ctrl & np.array([k == key for k in pred_keys], dtype=bool)
+        t = truth_ctrl & np.array([k == key for k in truth_keys], dtype=bool)
+        if p.sum() != t.sum():
+            raise PipelineInputError(
+                pred_source, f"obs[{group_by}]",
+                f"group {key}: {int(p.sum())} control cell(s), but {truth_source} has {int(t.sum())}: "
+                "each group must carry its own real control cells",
+            )
+        if p.any():
+            diff = np.abs(_control_mean(pred, p) - _control_mean(truth, t))
+            if float(diff.max()) > CONTROL_MEAN_ATOL:
+                raise PipelineInputError(
+                    pred_source, "X",
+                    f"group {key}: control cells differ from those in {truth_source} "
+                    f"(max mean difference {float(diff.max()):.4g}): each group must carry its own real control cells",
+                )

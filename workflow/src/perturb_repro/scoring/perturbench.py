@@ -53,8 +53,9 @@ PerturBench shuffles (unseeded) before sorting to break ties; here the shuffle i
 single condition the rank is 0 (PerturBench skips the division then). The per-condition value of a
 metric is the diagonal ``M[p, p]``, which is exactly PerturBench's ``compare_perts`` value.
 
-PerturBench evaluates each covariate (e.g. cell line) separately; this module has no covariates:
-all conditions of the file form one group.
+PerturBench evaluates each covariate (e.g. cell line) separately: with ``group_by`` (the truth's
+``uns['group_by']``) :func:`perturbench_metrics_by_group` scores each group against its own true
+controls, ranks among that group's conditions, and the summary is over all (condition, group) rows.
 """
 
 from __future__ import annotations
@@ -418,6 +419,30 @@ def perturbench_metrics(
     return out
 
 
+def perturbench_metrics_by_group(
+    pred: ad.AnnData, truth: ad.AnnData, control_label: str, group_by: list[str], **kwargs
+) -> pd.DataFrame:
+    """:func:`perturbench_metrics` once per group (PerturBench evaluates each covariate separately).
+
+    Each group's predicted and true cells are scored against that group's true controls; ranks are
+    among the conditions of that group. Rows are (condition, group) pairs with the group columns
+    after ``condition``. Without ``group_by`` this is :func:`perturbench_metrics`.
+    """
+    if not group_by:
+        return perturbench_metrics(pred, truth, control_label, **kwargs)
+    pert_col = kwargs.get("pert_col", "condition")
+    t_keys = truth.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
+    p_keys = pred.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
+    is_test = truth.obs[pert_col].astype(str).to_numpy() != control_label
+    frames = []
+    for key in sorted(set(t_keys[is_test])):
+        frame = perturbench_metrics(pred[p_keys == key], truth[t_keys == key], control_label, **kwargs)
+        for j, (column, value) in enumerate(zip(group_by, key.split("\t"))):
+            frame.insert(1 + j, column, value)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per metric column of ``frame``: count (non-NaN), mean, std (ddof=1), min, quartiles, max."""
     rows = []
@@ -468,7 +493,7 @@ def score_perturbench(
     Returns:
         The summary frame (also written to ``out_summary``).
     """
-    from perturb_repro.scoring.contract import check_prediction
+    from perturb_repro.scoring.contract import check_prediction, group_columns
 
     pred_path, truth_path = Path(pred_path), Path(truth_path)
     out_per_condition, out_summary = Path(out_per_condition), Path(out_summary)
@@ -478,17 +503,11 @@ def score_perturbench(
             raise PipelineInputError(path, "(file)", "does not exist")
     pred = ad.read_h5ad(pred_path)
     truth = ad.read_h5ad(truth_path)
-    check_prediction(pred, truth, pert_col, control_label, str(pred_path), str(truth_path))
-    per_condition = perturbench_metrics(
-        pred,
-        truth,
-        control_label,
-        pert_col=pert_col,
-        seed=seed,
-        n_deg=n_deg,
-        pca_components=pca_components,
-        pred_source=str(pred_path),
-        truth_source=str(truth_path),
+    group_by = group_columns(truth)
+    check_prediction(pred, truth, pert_col, control_label, str(pred_path), str(truth_path), group_by)
+    per_condition = perturbench_metrics_by_group(
+        pred, truth, control_label, group_by, pert_col=pert_col, seed=seed, n_deg=n_deg,
+        pca_components=pca_components, pred_source=str(pred_path), truth_source=str(truth_path),
     )
     summary = summarise(per_condition)
     try:

@@ -1,0 +1,671 @@
+"""scLDM (Palla et al. 2025, arXiv:2511.02986) as tuned in scLDM.CD4 v0.1 (Dibaeinia et al. 2026,
+model card /work/shared/seeds/scldm_cd4_card.txt), in PyTorch. Own code after czi-ai/scldm:
+src/scldm/{vae.py, nnets.py, layers.py, stochastic_layers.py, models.py (VAE, LatentDiffusion),
+transport/{path.py, transport.py}, _utils.py (wsd_schedule)}, experiments/configs/model/{vae_base,
+ldm_base}.yaml. Networks are in ``_scldm_nets.py``.
+
+Two stages, two separately callable entry points (two Snakemake rules / cluster jobs):
+
+1. ``fit_autoencoder(train, val, context, params, ae_dir)`` -- transformer autoencoder over gene
+   tokens (gene embedding + count encoding; the cell's expressed genes in, all genes out),
+   compressed by cross-attention onto learned inducing points to a set of M latent tokens of
+   width d, decoded by cross-attention from the gene embeddings back to genes; negative-binomial reconstruction loss on counts (-log-likelihood summed
+   over genes, mean over cells) with NB mean = softmax(per-gene logits) x library size (library =
+   the cell's total count over the gene panel, handled explicitly, not learned) and a learned
+   per-gene inverse dispersion ("negative_binomial_shared_theta", upstream's default head).
+2. ``fit(train, val, context, params, checkpoint_dir)`` -- freezes the autoencoder (read from
+   ``params["_autoencoder_dir"]`` if given, else trained/resumed in ``checkpoint_dir/autoencoder``),
+   encodes the train cells and trains a DiT (adaLN-zero) by flow matching in latent space: linear
+   path z_t = t z1 + (1 - t) z0, z0 ~ N(0, I) (independent coupling from noise, as the card says:
+   no control/perturbed pairing), target velocity z1 - z0, t ~ U[eps, 1 - eps]. Joint conditioning
+   (card: "condition strategy joint") on perturbation + covariate columns (``params.covariates``;
+   the card's classes are guide target, donor, time point): embedding = sum of per-gene
+   perturbation embeddings (combinations compose) + one embedding per covariate; genes or
+   covariate values unseen in training contribute nothing. Classifier-free guidance: with
+   probability ``flow.cfg_dropout_prob`` the whole condition is replaced by a learned null vector.
+   The autoencoder's weights are copied into ``checkpoint_dir`` so ``sample`` needs only that dir.
+
+``sample``: Euler steps (``sampling["steps"]``) from Gaussian noise with guidance weight
+``sampling["cfg_weight"]`` (else ``sampling["guidance_weight"]``, else ``params["cfg_weight"]``,
+upstream default 1.0), decode through the autoencoder to NB means mu = softmax x library (``decode:
+mean``) or NB counts drawn with that mean (``decode: sample``, as upstream's generation), then
+log-normalise. ``normalise: panel`` is normalize_total(``counts.target_sum``) over the gene panel +
+log1p (for NB means: log1p(softmax x target_sum)). ``normalise: data`` (default) uses the data's
+own convention instead: processed X is log1p(counts x target_sum / whole-transcriptome total) with
+the total taken BEFORE gene selection (on the demo panel ~126 of ~20,000 counts per cell), so
+normalising over the panel would put generated cells on a ~150x larger scale than the real ones;
+each generated cell therefore takes the (panel library, unit = target_sum / total) pair of a random
+train cell and is x = log1p(mu x unit). Library sizes are resampled from train cells (upstream
+draws log size factors from per-condition normals). Covariates of the generated cells are copied
+from randomly drawn control cells (like the other flow models here).
+
+Counts (``params.counts``): ``source: layer`` reads ``adata.layers[counts.layer]``;
+``from_lognorm`` recovers counts from a log-normalised X as round(expm1(X) * total / target_sum)
+with total = ``obs[total_counts_column]`` or, when that column is absent (preprocessing here keeps
+only condition/split/covariate columns and clears layers), inferred per cell as the largest unit of
+which every non-zero expm1(X) is an integer multiple. That is APPROXIMATE: exact only if X was
+normalize_total(target_sum) + log1p of integer counts and stored without much loss, and a cell whose
+counts share a divisor d comes out divided by d. On the demo file the inferred totals reproduce X
+to 1e-15, while its obs.ncounts is ~0.5% larger than the total X was normalised with. ``auto``
+uses the layer when present, else from_lognorm.
+
+Deviations / choices the card leaves open (presets mark them ``# not in paper``): the encoder reads
+each cell's expressed genes (upstream ``sample_genes: expressed``; padding is masked here instead of
+upstream's learned mask token) -- with all genes as tokens the tiny model's latent collapsed on the
+sparse demo cells (~15 non-zero of 500 genes); latents are not rescaled (the encoder's last
+LayerNorm makes each token zero-mean/unit-variance); epochs are converted to optimiser updates as
+ceil(epochs * n_train / batch_size); one device, no DDP; bf16 autocast only on CUDA when ``mixed_precision``; EMA of the DiT (upstream ldm_base) is
+optional and used for sampling when on.
+
+Preemption: both stages poll ``StopFlag`` every update, save model + optimiser (+ EMA) atomically
+every ``checkpoint_every`` updates and on a signal (then raise ``Preempted``), and resume from the
+saved update; batches, noise, times and dropout masks are drawn from RNGs seeded by (seed, stage,
+step), so an interrupted + resumed CPU run gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.conditions import genes_of
+from ..data.source import CONDITION, IS_CONTROL
+from ..io import atomic_path, write_text
+from ..training import Preempted, StopFlag, TrainLog
+from ._scldm_nets import Autoencoder, DiT, euler_integrate, guided_velocity, nb_loss
+from .base import ModelContext
+
+# autoencoder directory (stage 1)
+AE_META_FILE = "meta.json"
+AE_TRAIN_STATE = "train_state.pt"   # model + optimiser + step, written periodically
+AE_WEIGHTS = "autoencoder.pt"       # final weights, written once stage 1 is complete
+LIBRARY_FILE = "library.npy"        # train cells' (panel library size, normalisation unit), for decoding
+# flow checkpoint directory (stage 2); also holds copies of AE_WEIGHTS, LIBRARY_FILE and
+# AUTOENCODER_META_FILE so that sample() reads only this directory
+META_FILE = "meta.json"
+AUTOENCODER_META_FILE = "autoencoder_meta.json"
+FM_TRAIN_STATE = "train_state.pt"
+DIT_WEIGHTS = "dit.pt"
+STATE_FILE = "state.json"
+LOG_FILE = "train_log.csv"
+AE_SUBDIR = "autoencoder"
+
+_STAGE_AE, _STAGE_FM = 1, 2
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _get(params: Mapping[str, Any], path: str, default: Any = None) -> Any:
+    node: Any = params
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _label_seed(seed: int, label: str) -> int:
+    return _step_seed(seed, zlib.crc32(label.encode()))
+
+
+def _device(training: Mapping[str, Any]) -> torch.device:
+    choice = str(training.get("device", "auto"))
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _threads(params: Mapping[str, Any]) -> None:
+    if params.get("num_threads"):
+        torch.set_num_threads(int(params["num_threads"]))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _check_meta(path: Path, spec: Mapping[str, Any]) -> None:
+    if path.exists() and json.loads(path.read_text()) != _jsonable(spec):
+        raise ValueError(f"{path} was written for other params/data; remove the checkpoint to retrain")
+    write_text(json.dumps(spec, indent=1), path)
+
+
+# ------------------------------------------------------------------------------------------------
+# counts
+
+
+def counts_matrix(adata: ad.AnnData, counts_params: Mapping[str, Any] | None) -> sp.csr_matrix:
+    """Integer-valued counts [cells, genes] (float32 CSR) per ``params.counts`` (see module doc).
+
+    ``from_lognorm`` is approximate: round(expm1(X) * total / target_sum), total from
+    ``obs[total_counts_column]``, or -- if that column is absent and ``infer_total`` (default true) --
+    inferred per cell by taking its smallest non-zero expm1(X) as one count."""
+    cp = dict(counts_params or {})
+    source = str(cp.get("source", "auto"))
+    layer = str(cp.get("layer", "counts"))
+    if source == "auto":
+        source = "layer" if layer in adata.layers else "from_lognorm"
+    if source == "layer":
+        if layer not in adata.layers:
+            raise ValueError(f"counts.source is 'layer' but adata.layers has no '{layer}' (layers: {list(adata.layers)}); "
+                             "use counts.source: from_lognorm for log-normalised-only data")
+        x = adata.layers[layer]
+        x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
+        if x.nnz and (x.data.min() < 0 or not np.allclose(x.data, np.round(x.data))):
+            raise ValueError(f"adata.layers['{layer}'] is not a count matrix (negative or non-integer values)")
+        return x
+    if source != "from_lognorm":
+        raise ValueError(f"counts.source must be layer, from_lognorm or auto, not {source!r}")
+    column = cp.get("total_counts_column", "ncounts")
+    x = sp.csr_matrix(adata.X, dtype=np.float64) if not sp.issparse(adata.X) else adata.X.tocsr().astype(np.float64)
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    values = np.expm1(x.data)  # = count * target_sum / total
+    if column and column in adata.obs:
+        unit = float(cp.get("target_sum", 1e4)) / adata.obs[column].to_numpy(dtype=np.float64)
+    elif cp.get("infer_total", True):
+        # no totals column (e.g. dropped by preprocessing): unit = target_sum / total is the largest
+        # value that makes every non-zero value of the cell an integer multiple of it: the smallest
+        # value divided by k = 1, 2, ... (k > 1 when the cell's smallest count in the panel is k). A cell
+        # whose counts share a divisor d > 1 comes out divided by d (X cannot tell the two apart).
+        vmin = np.full(x.shape[0], np.inf)
+        np.minimum.at(vmin, rows, np.where(values > 0, values, np.inf))
+        vmin[~np.isfinite(vmin)] = 1.0
+        unit = vmin.copy()
+        todo = np.ones(x.shape[0], dtype=bool)
+        for k in range(1, int(cp.get("infer_max_k", 20)) + 1):
+            r = values / (vmin[rows] / k)
+            bad = np.zeros(x.shape[0], dtype=bool)
+            np.logical_or.at(bad, rows, np.abs(r - np.round(r)) > 0.05)
+            fix = todo & ~bad
+            unit[fix] = vmin[fix] / k
+            todo &= bad
+            if not todo.any():
+                break
+    else:
+        raise ValueError(f"counts.total_counts_column '{column}' is not in obs: {list(adata.obs.columns)}")
+    data = np.round(values / unit[rows])
+    out = sp.csr_matrix((data.astype(np.float32), x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    out.eliminate_zeros()
+    return out
+
+
+def normalisation_units(adata: ad.AnnData, counts: sp.csr_matrix) -> np.ndarray:
+    """Per cell u with X = log1p(counts * u), i.e. u = target_sum / (the total X was normalised with).
+
+    The processed X is normalised by the cell's whole-transcriptome total before gene selection, so
+    u is not target_sum / (counts over the panel): it is read off the data as the median over the
+    cell's non-zero genes of expm1(X) / counts (cells without counts get the median of the others)."""
+    x = sp.csr_matrix(adata.X, dtype=np.float64) if not sp.issparse(adata.X) else adata.X.tocsr().astype(np.float64)
+    c = counts.tocsr().astype(np.float64)
+    xm = sp.csr_matrix(x.multiply(c > 0))
+    cm = sp.csr_matrix(c.multiply(x > 0))
+    for m in (xm, cm):
+        m.eliminate_zeros()
+        m.sort_indices()
+    if not (np.array_equal(xm.indptr, cm.indptr) and np.array_equal(xm.indices, cm.indices)):
+        raise ValueError("X and the counts disagree on which entries are non-zero")
+    ratio = np.expm1(xm.data) / cm.data
+    rows = np.repeat(np.arange(c.shape[0]), np.diff(xm.indptr))
+    order = np.lexsort((ratio, rows))  # by row, then value: a per-row median without a Python loop
+    n = np.diff(xm.indptr)
+    u = np.full(c.shape[0], np.nan)
+    has = n > 0
+    lo = xm.indptr[:-1][has] + (n[has] - 1) // 2
+    hi = xm.indptr[:-1][has] + n[has] // 2
+    u[has] = 0.5 * (ratio[order][lo] + ratio[order][hi])
+    if not has.any():
+        raise ValueError("cannot relate X to the counts: no cell has a gene non-zero in both")
+    u[~has] = np.median(u[has])
+    return u
+
+
+def log_normalize(x: np.ndarray, target_sum: float) -> np.ndarray:
+    """normalize_total(target_sum) + log1p; rows with zero total stay zero."""
+    total = x.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
+    return np.log1p(x * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared training loop
+
+
+def lr_factor(step: int, total: int, schedule: Mapping[str, Any] | None) -> float:
+    """Upstream ``wsd_schedule``: linear warmup from 1/init_div_factor, hold, then cosine (or sqrt)
+    decay to final_lr_factor over the last ``fract_decay`` of the updates; ``type: constant`` = 1."""
+    s = dict(schedule or {})
+    if s.get("type", "cosine") == "constant":
+        return 1.0
+    warm = round(float(s.get("warmup_fraction", 0.0)) * total)
+    init_div = float(s.get("init_div_factor", 100.0))
+    final = float(s.get("final_lr_factor", 0.1))
+    n_decay = int(float(s.get("fract_decay", 1.0)) * total)
+    n_hold = total - n_decay
+    if step < warm:
+        return step / warm + (1 - step / warm) / init_div
+    if step < n_hold:
+        return 1.0
+    if step < total:
+        if s.get("type", "cosine") == "cosine":
+            start = max(warm, n_hold)
+            progress = (step - start) / max(1, total - start)
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+        if s.get("type") == "sqrt":
+            return final + (1 - final) * (1 - math.sqrt((step - n_hold) / max(1, n_decay)))
+        raise ValueError(f"schedule.type must be cosine, sqrt or constant, not {s.get('type')!r}")
+    return final
+
+
+def _optimizer(module: nn.Module, training: Mapping[str, Any]) -> torch.optim.Optimizer:
+    kind = str(training.get("optimizer", "adamw")).lower()
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    betas = tuple(float(b) for b in training.get("betas", (0.9, 0.999)))
+    return cls([p for p in module.parameters() if p.requires_grad], lr=float(training["learning_rate"]),
+               betas=betas, weight_decay=float(training.get("weight_decay", 0.0)))
+
+
+def total_steps(training: Mapping[str, Any], n_cells: int) -> int:
+    """Optimiser updates: ``num_steps``, or ceil(``epochs`` * n_cells / batch_size)."""
+    if training.get("num_steps") is not None:
+        return int(training["num_steps"])
+    return max(1, math.ceil(float(training["epochs"]) * n_cells / int(training["batch_size"])))
+
+
+class _EMA:
+    """Exponential moving average of parameters (ema_pytorch-style: copies until ``start``)."""
+
+    def __init__(self, module: nn.Module, decay: float, every: int, start: int):
+        self.decay, self.every, self.start = decay, max(1, every), start
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def update(self, module: nn.Module, step: int) -> None:
+        if (step + 1) % self.every:
+            return
+        with torch.no_grad():
+            for k, v in module.state_dict().items():
+                if step < self.start or not v.is_floating_point():
+                    self.shadow[k].copy_(v)
+                else:
+                    self.shadow[k].lerp_(v, 1 - self.decay)
+
+
+def _train(checkpoint_dir: Path, state_file: str, final_file: str, module: nn.Module, training: Mapping[str, Any],
+           total: int, loss_fn: Callable[[int], torch.Tensor], device: torch.device,
+           ema: _EMA | None = None, final_extra: Mapping[str, Any] | None = None) -> None:
+    """Resumable loop: one optimiser update per step; atomic saves; Preempted on a signal."""
+    optimizer = _optimizer(module, training)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    grad_clip = training.get("grad_clip")
+    every = int(training.get("checkpoint_every") or total)
+    state_path = checkpoint_dir / state_file
+    start = 0
+    if state_path.exists():
+        saved = torch.load(state_path, map_location=device, weights_only=True)
+        module.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.shadow = saved["ema"]
+        start = int(saved["step"])
+
+    def save(step: int) -> None:
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "ema": ema.shadow if ema is not None else None}, tmp)
+        write_text(json.dumps({"step": step, "total": total}), checkpoint_dir / STATE_FILE)
+
+    log = TrainLog(checkpoint_dir / LOG_FILE, start)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with StopFlag() as flag, torch.random.fork_rng(devices=devices):
+            module.train()
+            step = start
+            while step < total:
+                factor = lr_factor(step, total, training.get("schedule"))
+                for g, lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = lr * factor
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(step)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), float(grad_clip))
+                optimizer.step()
+                if ema is not None:
+                    ema.update(module, step)
+                log.add(step, loss.detach().item())
+                step += 1
+                signalled = flag.raised
+                if step % every == 0 or step == total or signalled:
+                    log.flush()
+                    save(step)
+                if signalled:
+                    raise Preempted(f"signal {signalled} at step {step}; state saved, rerun to resume")
+            if not state_path.exists():
+                save(step)
+    finally:
+        log.close()
+    weights = {"model": (ema.shadow if ema is not None else module.state_dict()), **(final_extra or {})}
+    with atomic_path(checkpoint_dir / final_file) as tmp:
+        torch.save(weights, tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1
+
+
+def autoencoder_spec(train: ad.AnnData, params: Mapping[str, Any]) -> dict[str, Any]:
+    ae = params["autoencoder"]
+    return {"genes": [str(g) for g in train.var_names], "network": dict(ae["network"]),
+            "counts": dict(params.get("counts") or {}), "target_sum": float(_get(params, "counts.target_sum", 1e4))}
+
+
+def build_autoencoder(spec: Mapping[str, Any], seed: int) -> Autoencoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Autoencoder(len(spec["genes"]), spec["network"])
+
+
+def load_autoencoder(directory: Path, device: torch.device | str = "cpu",
+                     meta_file: str = AE_META_FILE) -> tuple[Autoencoder, dict[str, Any]]:
+    directory = Path(directory)
+    spec = json.loads((directory / meta_file).read_text())
+    model = Autoencoder(len(spec["genes"]), spec["network"])
+    model.load_state_dict(torch.load(directory / AE_WEIGHTS, map_location=device, weights_only=True)["model"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval(), spec
+
+
+def _ae_loss_fn(model: Autoencoder, counts: sp.csr_matrix, library: np.ndarray, batch_size: int, seed: int,
+                device: torch.device, amp: bool) -> Callable[[int], torch.Tensor]:
+    n = counts.shape[0]
+
+    def loss(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(_step_seed(seed, _STAGE_AE, step))
+        idx = np.sort(rng.choice(n, size=min(batch_size, n), replace=False))
+        x = torch.as_tensor(counts[idx].toarray(), device=device)
+        lib = torch.as_tensor(library[idx], device=device)
+        torch.manual_seed(_step_seed(seed, _STAGE_AE, step, 1))  # dropout masks
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            mu, theta = model(x, lib)
+        return nb_loss(x, mu.float(), theta.float())
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 2
+
+
+def _token_matrix(labels, control_label: str, index: Mapping[str, int], width: int) -> np.ndarray:
+    """Perturbation gene ids per cell; -1 for empty slots and genes not in ``index`` (unseen)."""
+    out = np.full((len(labels), max(width, 1)), -1, dtype=np.int64)
+    cache: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        if label not in cache:
+            cache[label] = [index.get(g, -1) for g in genes_of(label, control_label)]
+        ids = cache[label][: out.shape[1]]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def _covariate_matrix(adata: ad.AnnData, columns: list[str], values: list[list[str]]) -> np.ndarray:
+    out = np.full((adata.n_obs, max(len(columns), 1)), -1, dtype=np.int64)
+    for k, (column, vals) in enumerate(zip(columns, values)):
+        if column not in adata.obs:
+            raise ValueError(f"covariate column '{column}' (params.covariates) is not in obs: {list(adata.obs.columns)}")
+        lookup = {v: i for i, v in enumerate(vals)}
+        out[:, k] = [lookup.get(v, -1) for v in adata.obs[column].astype(str)]
+    return out
+
+
+def flow_spec(train: ad.AnnData, context: ModelContext, params: Mapping[str, Any], ae_spec: Mapping[str, Any],
+              ae_sha: str) -> dict[str, Any]:
+    labels = train.obs[CONDITION].astype(str).unique().tolist()
+    covariates = list(params.get("covariates") or [])
+    cov_values = []
+    for column in covariates:
+        if column not in train.obs:
+            raise ValueError(f"covariate column '{column}' (params.covariates) is not in obs: {list(train.obs.columns)}")
+        cov_values.append(sorted(train.obs[column].astype(str).unique().tolist()))
+    flow = params["flow"]
+    return {
+        "vocab": sorted({g for c in labels for g in genes_of(c, context.control_label)}),
+        "max_perts": max([len(genes_of(c, context.control_label)) for c in labels] + [1]),
+        "covariates": covariates,
+        "covariate_values": cov_values,
+        "network": dict(flow["network"]),
+        "n_tokens": int(ae_spec["network"]["n_inducing_points"]),
+        "latent_dim": int(ae_spec["network"]["n_embed_latent"]),
+        "control_label": context.control_label,
+        "autoencoder_sha256": ae_sha,
+    }
+
+
+def build_dit(spec: Mapping[str, Any], seed: int) -> DiT:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DiT(spec["n_tokens"], spec["latent_dim"], len(spec["vocab"]),
+                   [len(v) for v in spec["covariate_values"]], spec["network"])
+
+
+@torch.no_grad()
+def encode_cells(model: Autoencoder, counts: sp.csr_matrix, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    out = [model.encode(torch.as_tensor(counts[s: s + chunk].toarray(), device=device)).float().cpu()
+           for s in range(0, counts.shape[0], chunk)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _fm_loss_fn(dit: DiT, latents: torch.Tensor, tok: np.ndarray, cov: np.ndarray, flow: Mapping[str, Any],
+                batch_size: int, seed: int, device: torch.device, amp: bool) -> Callable[[int], torch.Tensor]:
+    n = latents.shape[0]
+    p_drop = float(flow.get("cfg_dropout_prob", 0.1))
+    eps = float(flow.get("train_eps", 1e-5))
+
+    def loss(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(_step_seed(seed, _STAGE_FM, step))
+        idx = rng.choice(n, size=min(batch_size, n), replace=False)
+        z1 = latents[idx].to(device)
+        t_tok, t_cov = torch.as_tensor(tok[idx], device=device), torch.as_tensor(cov[idx], device=device)
+        torch.manual_seed(_step_seed(seed, _STAGE_FM, step, 1))
+        z0 = torch.randn_like(z1)
+        t = eps + (1 - 2 * eps) * torch.rand(z1.shape[0], device=device)
+        drop = torch.rand(z1.shape[0], device=device) < p_drop
+        tt = t[:, None, None]
+        zt = tt * z1 + (1 - tt) * z0
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            v = dit(zt, t, t_tok, t_cov, drop=drop)
+        return F.mse_loss(v.float(), z1 - z0)
+
+    return loss
+
+
+def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[DiT, dict[str, Any]]:
+    checkpoint_dir = Path(checkpoint_dir)
+    spec = json.loads((checkpoint_dir / META_FILE).read_text())
+    dit = DiT(spec["n_tokens"], spec["latent_dim"], len(spec["vocab"]), [len(v) for v in spec["covariate_values"]],
+              spec["network"])
+    dit.load_state_dict(torch.load(checkpoint_dir / DIT_WEIGHTS, map_location=device, weights_only=True)["model"])
+    return dit.to(device).eval(), spec
+
+
+def _complete(directory: Path, weights: str, total: int | None = None) -> bool:
+    """Final weights written and the saved state reached the planned number of updates."""
+    state = directory / STATE_FILE
+    if not ((directory / weights).exists() and state.exists()):
+        return False
+    saved = json.loads(state.read_text())
+    return int(saved["step"]) >= int(saved["total"] if total is None else total)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+
+class ScLDMModel:
+    def fit_autoencoder(self, train: ad.AnnData, val: ad.AnnData | None, context: ModelContext,
+                        params: Mapping[str, Any], ae_dir: Path) -> None:
+        """Stage 1: train (or resume) the NB autoencoder into ``ae_dir``; complete when AE_WEIGHTS exists."""
+        _threads(params)
+        ae_dir = Path(ae_dir)
+        ae_dir.mkdir(parents=True, exist_ok=True)
+        spec = autoencoder_spec(train, params)
+        _check_meta(ae_dir / AE_META_FILE, spec)
+        training = params["autoencoder"]["training"]
+        total = total_steps(training, train.n_obs)
+        if _complete(ae_dir, AE_WEIGHTS, total):
+            return
+        (ae_dir / AE_WEIGHTS).unlink(missing_ok=True)  # stale: written by a run with fewer updates
+        counts = counts_matrix(train, params.get("counts"))
+        library = np.asarray(counts.sum(axis=1)).ravel().astype(np.float32)
+        # (library over the panel, normalisation unit) of every train cell, for decoding generated cells
+        with atomic_path(ae_dir / LIBRARY_FILE) as tmp:
+            np.save(tmp, np.stack([library.astype(np.float64), normalisation_units(train, counts)], axis=1))
+        device = _device(training)
+        amp = bool(training.get("mixed_precision", False)) and device.type == "cuda"
+        model = build_autoencoder(spec, context.seed).to(device)
+        loss_fn = _ae_loss_fn(model, counts, library, int(training["batch_size"]), int(context.seed), device, amp)
+        _train(ae_dir, AE_TRAIN_STATE, AE_WEIGHTS, model, training, total, loss_fn, device)
+        summary: dict[str, Any] = {"total_steps": total, "n_parameters": sum(p.numel() for p in model.parameters())}
+        if val is not None and val.n_obs:  # validation NB loss of the final autoencoder (reported only)
+            model.eval()
+            vc = counts_matrix(val, params.get("counts"))
+            keep = np.flatnonzero(np.asarray(vc.sum(axis=1)).ravel() > 0)[:512]
+            with torch.no_grad():
+                x = torch.as_tensor(vc[keep].toarray(), device=device)
+                mu, theta = model(x, x.sum(1))
+                summary["val_nb_loss"] = float(nb_loss(x, mu, theta))
+        write_text(json.dumps(summary), ae_dir / "summary.json")
+
+    def fit(self, train: ad.AnnData, val: ad.AnnData | None, context: ModelContext, params: Mapping[str, Any],
+            checkpoint_dir: Path) -> None:
+        """Stage 2: DiT flow matching in the frozen autoencoder's latent space (see module doc)."""
+        _threads(params)
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if params.get("_autoencoder_dir"):
+            ae_dir = Path(params["_autoencoder_dir"])
+            if not (_complete(ae_dir, AE_WEIGHTS) and (ae_dir / AE_META_FILE).exists()):
+                raise FileNotFoundError(f"no trained autoencoder in {ae_dir} (run fit_autoencoder first)")
+        else:
+            ae_dir = checkpoint_dir / AE_SUBDIR
+            self.fit_autoencoder(train, val, context, params, ae_dir)
+        ae_spec = json.loads((ae_dir / AE_META_FILE).read_text())
+        if ae_spec != _jsonable(autoencoder_spec(train, params)):
+            raise ValueError(f"the autoencoder in {ae_dir} was trained with other genes/params than these")
+        # copy what sample() needs (atomic), then hash the copy
+        for name, target in ((AE_WEIGHTS, AE_WEIGHTS), (LIBRARY_FILE, LIBRARY_FILE), (AE_META_FILE, AUTOENCODER_META_FILE)):
+            src = ae_dir / name
+            if src.resolve() != (checkpoint_dir / target).resolve():
+                with atomic_path(checkpoint_dir / target) as tmp:
+                    shutil.copyfile(src, tmp)
+        spec = flow_spec(train, context, params, ae_spec, _sha256(checkpoint_dir / AE_WEIGHTS))
+        _check_meta(checkpoint_dir / META_FILE, spec)
+        flow = params["flow"]
+        training = flow["training"]
+        total = total_steps(training, train.n_obs)
+        if _complete(checkpoint_dir, DIT_WEIGHTS, total):
+            return
+        (checkpoint_dir / DIT_WEIGHTS).unlink(missing_ok=True)
+        device = _device(training)
+        amp = bool(training.get("mixed_precision", False)) and device.type == "cuda"
+        ae, _ = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
+        counts = counts_matrix(train, params.get("counts"))
+        latents = encode_cells(ae, counts, device, int(flow.get("encode_batch_size", 256)))
+        del ae
+        labels = train.obs[CONDITION].astype(str).to_numpy()
+        tok = _token_matrix(labels, context.control_label, {g: i for i, g in enumerate(spec["vocab"])}, spec["max_perts"])
+        cov = _covariate_matrix(train, spec["covariates"], spec["covariate_values"])
+        dit = build_dit(spec, context.seed + 1).to(device)
+        ema = None
+        if float(training.get("ema_decay") or 0) > 0:
+            ema = _EMA(dit, float(training["ema_decay"]), int(training.get("ema_update_every", 1)),
+                       int(training.get("ema_update_after_step", 0)))
+        loss_fn = _fm_loss_fn(dit, latents, tok, cov, flow, int(training["batch_size"]), int(context.seed), device, amp)
+        _train(checkpoint_dir, FM_TRAIN_STATE, DIT_WEIGHTS, dit, training, total, loss_fn, device, ema=ema)
+
+    def sample(self, checkpoint_dir, conditions: list[str], control: ad.AnnData, n_cells: int, context: ModelContext,
+               params: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        _threads(params)
+        checkpoint_dir = Path(checkpoint_dir)
+        device = _device(_get(params, "flow.training", {}) or {})
+        ae, ae_spec = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
+        dit, spec = load_dit(checkpoint_dir, device)
+        steps = int(sampling.get("steps", 100))
+        w = sampling.get("cfg_weight", sampling.get("guidance_weight"))
+        w = float(params.get("cfg_weight", 1.0) if w is None else w)
+        seed = int(sampling.get("seed", 0))
+        target_sum = float(ae_spec["target_sum"])
+        decode = str(params.get("decode", "mean"))
+        normalise = str(params.get("normalise", "data"))
+        chunk = int(sampling.get("batch_size") or params.get("sample_batch_size") or 512)
+        if w != 1.0:
+            chunk = max(1, chunk // 2)
+        library = np.load(checkpoint_dir / LIBRARY_FILE)
+
+        index = {g: i for i, g in enumerate(spec["vocab"])}
+        width = max([spec["max_perts"]] + [len(genes_of(c, context.control_label)) for c in conditions])
+        ctrl = control[control.obs[IS_CONTROL].to_numpy(dtype=bool)]
+        if ctrl.n_obs == 0:
+            raise ValueError("sample() needs control cells (their covariates are given to the generated cells)")
+        ctrl_cov = _covariate_matrix(ctrl, spec["covariates"], spec["covariate_values"])
+        shape = (spec["n_tokens"], spec["latent_dim"])
+        out: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for c in conditions:
+                rng = np.random.default_rng(_label_seed(seed, c))
+                pick = rng.choice(ctrl.n_obs, size=n_cells, replace=n_cells > ctrl.n_obs)
+                gen = torch.Generator().manual_seed(_label_seed(seed + 1, c))
+                z0_all = torch.randn((n_cells, *shape), generator=gen)
+                tok_all = torch.as_tensor(_token_matrix([c] * n_cells, context.control_label, index, width))
+                cov_all = torch.as_tensor(ctrl_cov[pick])
+                rows = []
+                for s in range(0, n_cells, chunk):
+                    tok, cov = tok_all[s: s + chunk].to(device), cov_all[s: s + chunk].to(device)
+                    z = euler_integrate(lambda x, t, tok=tok, cov=cov: guided_velocity(dit, x, t, tok, cov, w),
+                                        z0_all[s: s + chunk].to(device), steps)
+                    rows.append(torch.softmax(ae.decode_logits(z).float(), dim=-1).cpu().numpy().astype(np.float64))
+                p = np.concatenate(rows) if rows else np.zeros((0, len(ae_spec["genes"])))
+                draw = library[rng.integers(0, len(library), size=n_cells)]  # (panel library, unit) of train cells
+                lib, unit = draw[:, :1], draw[:, 1:]
+                if decode == "mean":
+                    mu = p * lib
+                elif decode == "sample":
+                    theta = np.exp(ae.log_theta.detach().cpu().numpy().astype(np.float64))[None, :]
+                    mu = rng.poisson(rng.gamma(theta, p * lib / theta)).astype(np.float64)
+                else:
+                    raise ValueError(f"decode must be mean or sample, not {decode!r}")
+                if normalise == "data":  # the data's own convention: X = log1p(counts * unit)
+                    x = np.log1p(mu * unit).astype(np.float32)
+                elif normalise == "panel":  # normalize_total over the panel + log1p
+                    x = log_normalize(mu, target_sum)
+                else:
+                    raise ValueError(f"normalise must be data or panel, not {normalise!r}")
+                out[c] = np.clip(x, 0.0, None).astype(np.float32)
+        return out
