@@ -28,11 +28,15 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
 
 
-# Small table jobs read a few CSV/YAML files: not worth an sbatch submission each.
+# Small table jobs read a few CSV/YAML files: not worth an sbatch submission each. Downloads run where
+# Snakemake runs too: cluster compute nodes often have no internet access.
 localrules:
     all,
     paper_table,
     scfate_table1_audit,
+    download_source,
+    download_sequences,
+    fetch_pretrained,
 
 
 rule all:

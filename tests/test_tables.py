@@ -138,6 +138,23 @@ def test_match_uses_printed_precision(tmp_path: Path) -> None:
     assert frame["status"].tolist() == ["match", "within-noise", "mismatch"]
 
 
+def test_perturbench_metrics_are_looked_up_beside_cell_eval_metrics(tmp_path: Path) -> None:
+    """PRiMeFlow's tables print PerturBench metrics (perturbench.csv), the CellFlow card cell-eval's (metrics.csv)."""
+    cells = """\
+  - {dataset: d, model: m, metric: pearson_delta, statistic: mean, reported: "0.5630"}
+  - {dataset: d, model: m, metric: mmd_gex, statistic: mean, reported: "0.0120"}
+"""
+    spec = load_table_spec(_write_spec(tmp_path, cells))
+    cell_eval = _write_metrics(tmp_path / "metrics.csv", {"pearson_delta": {"mean": 0.5630}})
+    perturbench = _write_metrics(tmp_path / "perturbench.csv", {"mmd_gex": {"mean": 0.0120}})
+    frame = reproduce_table(spec, {("d", "m"): [str(cell_eval), str(perturbench)]}, {"d": "paper"})
+    assert frame["reproduced"].tolist() == [0.5630, 0.0120]
+    assert frame["status"].tolist() == ["match", "match"]
+    clash = _write_metrics(tmp_path / "clash.csv", {"mmd_gex": {"mean": 0.5}})
+    with pytest.raises(PipelineInputError, match="mmd_gex"):
+        reproduce_table(spec, {("d", "m"): [str(perturbench), str(clash)]}, {"d": "paper"})
+
+
 def test_tolerance_boundary_is_inclusive(tmp_path: Path) -> None:
     spec = load_table_spec(
         _write_spec(tmp_path, '  - {dataset: d, model: m, metric: a, statistic: mean, reported: "0.5630"}\n')

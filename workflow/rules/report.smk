@@ -14,6 +14,7 @@ rule paper_table:
     input:
         spec=lambda w: config["tables"][w.table]["spec"],
         metrics=lambda w: [f"results/{d}/{m}/metrics.csv" for d, m in table_runs(w.table)[0]],
+        perturbench=lambda w: [f"results/{d}/{m}/perturbench.csv" for d, m in table_runs(w.table)[0]],
     output:
         csv=report(
             "results/tables/{table}.csv",

@@ -407,6 +407,16 @@ def _read_metrics(path: str) -> pd.DataFrame:
     return frame
 
 
+def _read_metric_files(paths: Sequence[str]) -> pd.DataFrame:
+    """cell-eval's metrics.csv and PerturBench's perturbench.csv of one run, as one frame by metric."""
+    frames = [_read_metrics(path) for path in paths]
+    frame = pd.concat(frames) if len(frames) > 1 else frames[0]
+    duplicated = frame.index[frame.index.duplicated()].tolist()
+    if duplicated:
+        raise PipelineInputError(" + ".join(paths), "metric", f"defined in more than one file: {duplicated}")
+    return frame
+
+
 def is_match(reproduced: float, reported: str) -> bool:
     """Whether ``reproduced`` prints as ``reported`` at the reported precision.
 
@@ -449,7 +459,8 @@ def reproduce_table(
 
     Args:
         spec: Loaded table spec.
-        metrics_by_run: ``(run_dataset, model)`` -> metrics.csv path, or None when the run was not
+        metrics_by_run: ``(run_dataset, model)`` -> metrics.csv path (or a list of paths whose metric
+            rows are read together: metrics.csv and perturbench.csv), or None when the run was not
             built/configured. A missing key is treated like None.
         scale_by_dataset: ``run_dataset`` -> ``"paper"`` or ``"demo"``; required for every run that
             has a metrics file.
@@ -495,9 +506,10 @@ def reproduce_table(
                 "scale_by_dataset", run_dataset, f"{problem}; expected one of {list(SCALES)} (CLI: --scale {run_dataset}=paper|demo)"
             )
 
-        path = str(metrics_path)
+        paths = [str(metrics_path)] if isinstance(metrics_path, (str, Path)) else [str(x) for x in metrics_path]
+        path = " + ".join(paths)
         if path not in cache:
-            cache[path] = _read_metrics(path)
+            cache[path] = _read_metric_files(paths)
         metrics = cache[path]
         if cell.statistic not in metrics.columns:
             raise PipelineInputError(path, cell.statistic, "column is missing")
