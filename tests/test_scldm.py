@@ -37,7 +37,7 @@ torch.set_num_threads(1)
 
 def test_registered():
     assert MODEL_REGISTRY["scldm"] == "perturb_repro.models.scldm:ScLDMModel"
-    assert MODEL_EXTRA_SOURCES["scldm"] == ["perturb_repro.models._scldm_nets"]
+    assert MODEL_EXTRA_SOURCES["scldm"] == ["perturb_repro.models._scldm_nets", "perturb_repro.models._flow"]
 
 
 def test_paper_preset_has_the_card_values():

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._flow import count_parameters, euler_integrate, guided_velocity  # noqa: F401 (re-exported)
+
 # ------------------------------------------------------------------------------------------------
 # transformer pieces
 
@@ -336,27 +338,3 @@ class DiT(nn.Module):
         return self.final(_modulate(self.final_norm(x), shift, scale))
 
 
-def guided_velocity(net: DiT, z, t, tok, cov, w: float):
-    """Classifier-free guidance v_u + w (v_c - v_u); w == 1 evaluates the conditional field only."""
-    if w == 1.0:
-        return net(z, t, tok, cov)
-    b = z.shape[0]
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=z.device), torch.ones(b, dtype=torch.bool, device=z.device)])
-    v = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([tok, tok]), torch.cat([cov, cov]), drop=drop)
-    v_cond, v_uncond = v[:b], v[b:]
-    return v_uncond + w * (v_cond - v_uncond)
-
-
-def euler_integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, steps: int,
-                    t0: float = 0.0, t1: float = 1.0) -> torch.Tensor:
-    """Explicit Euler: x_{k+1} = x_k + dt f(x_k, t_k), t_k = t0 + k dt, dt = (t1 - t0) / steps."""
-    x = x0
-    dt = (t1 - t0) / steps
-    for k in range(steps):
-        t = torch.full((x.shape[0],), t0 + k * dt, dtype=x.dtype, device=x.device)
-        x = x + dt * f(x, t)
-    return x
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,10 @@ from ..data.pca import dense
 from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
 from ..training import Preempted, StopFlag, TrainLog
+from ._flow import count_parameters, euler_integrate, guided_velocity
+from ._flow import label_seed as _label_seed
+from ._flow import param_at as _get
+from ._flow import step_seed as _step_seed
 from ._unet1d import UNet1D, timestep_embedding
 from .base import ModelContext
 
@@ -65,27 +68,6 @@ META_FILE = "meta.json"
 RANGES_FILE = "ranges.npz"
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.csv"
-
-
-# ------------------------------------------------------------------------------------------------
-# parameters
-
-
-def _get(params: Mapping[str, Any], path: str, default: Any = None) -> Any:
-    node: Any = params
-    for key in path.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _label_seed(seed: int, label: str) -> int:
-    return _step_seed(seed, zlib.crc32(label.encode()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,32 +217,6 @@ class VelocityField(nn.Module):
 
     def forward(self, x, t, tok, cov, drop=None, substitute=None):
         return self.net(x, t, self.cond(tok, cov, drop, substitute))
-
-
-def guided_velocity(field: VelocityField, x, t, tok, cov, w: float):
-    """Classifier-free guidance. w == 1 is the conditional field itself (no unconditional pass)."""
-    if w == 1.0:
-        return field(x, t, tok, cov)
-    b = x.shape[0]
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=x.device), torch.ones(b, dtype=torch.bool, device=x.device)])
-    v = field(torch.cat([x, x]), torch.cat([t, t]), torch.cat([tok, tok]), torch.cat([cov, cov]), drop=drop)
-    v_cond, v_uncond = v[:b], v[b:]
-    return v_uncond + w * (v_cond - v_uncond)
-
-
-def euler_integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, steps: int,
-                    t0: float = 0.0, t1: float = 1.0) -> torch.Tensor:
-    """Explicit Euler: x_{k+1} = x_k + dt f(x_k, t_k), t_k = t0 + k dt, dt = (t1 - t0) / steps."""
-    x = x0
-    dt = (t1 - t0) / steps
-    for k in range(steps):
-        t = torch.full((x.shape[0],), t0 + k * dt, dtype=x.dtype, device=x.device)
-        x = x + dt * f(x, t)
-    return x
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------------

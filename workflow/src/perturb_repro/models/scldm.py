@@ -69,7 +69,6 @@ import hashlib
 import json
 import math
 import shutil
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,11 @@ from ..data.conditions import genes_of
 from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
 from ..training import Preempted, StopFlag, TrainLog
-from ._scldm_nets import Autoencoder, DiT, euler_integrate, guided_velocity, nb_loss
+from ._flow import euler_integrate, guided_velocity
+from ._flow import label_seed as _label_seed
+from ._flow import param_at as _get
+from ._flow import step_seed as _step_seed
+from ._scldm_nets import Autoencoder, DiT, nb_loss
 from .base import ModelContext
 
 # autoencoder directory (stage 1)
@@ -108,23 +111,6 @@ _STAGE_AE, _STAGE_FM = 1, 2
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _get(params: Mapping[str, Any], path: str, default: Any = None) -> Any:
-    node: Any = params
-    for key in path.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _label_seed(seed: int, label: str) -> int:
-    return _step_seed(seed, zlib.crc32(label.encode()))
 
 
 def _device(training: Mapping[str, Any]) -> torch.device:
