@@ -46,7 +46,8 @@ def fresh_copy() -> Path:
 def timed_run(args: list[str], limit_s: int) -> dict:
     root = fresh_copy()
     snakemake = Path(sys.executable).parent / "snakemake"
-    cmd = ["timeout", "-s", "KILL", str(limit_s), str(snakemake), *args, "all", "--configfile", CONFIG]
+    # targets first: --set-resources takes every word after it
+    cmd = ["timeout", "-s", "KILL", str(limit_s), str(snakemake), "all", *args, "--configfile", CONFIG]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     log = root / "snakemake.log"
     print(f"[bench_cluster] {' '.join(cmd[4:])}  (cwd {root})", flush=True)
