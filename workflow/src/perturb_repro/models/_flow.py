@@ -7,6 +7,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import torch
 from torch import nn
@@ -28,6 +29,17 @@ def step_seed(*parts: int) -> int:
 
 def label_seed(seed: int, label: str) -> int:
     return step_seed(seed, zlib.crc32(label.encode()))
+
+
+def covariate_ids(adata: ad.AnnData, columns: list[str], values: list[list[str]]) -> np.ndarray:
+    """Per cell, the index of its value in each covariate's train vocabulary; -1 for a value unseen in training."""
+    out = np.full((adata.n_obs, max(len(columns), 1)), -1, dtype=np.int64)
+    for k, (column, vals) in enumerate(zip(columns, values)):
+        if column not in adata.obs:
+            raise ValueError(f"covariate column '{column}' (params.covariates) is not in obs: {list(adata.obs.columns)}")
+        lookup = {v: i for i, v in enumerate(vals)}
+        out[:, k] = [lookup.get(v, -1) for v in adata.obs[column].astype(str)]
+    return out
 
 
 def guided_velocity(field: nn.Module, x, t, tok, cov, w: float):

@@ -57,6 +57,7 @@ from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
 from ..training import Preempted, StopFlag, TrainLog
 from ._flow import count_parameters, euler_integrate, guided_velocity
+from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
 from ._flow import step_seed as _step_seed
@@ -321,16 +322,6 @@ def _token_matrix(labels, control_label: str, index: dict[str, int], width: int)
             cache[label] = [index[g] for g in genes_of(label, control_label)]
         ids = cache[label]
         out[i, : len(ids)] = ids
-    return out
-
-
-def _covariate_matrix(adata: ad.AnnData, columns: list[str], values: list[list[str]]) -> np.ndarray:
-    out = np.full((adata.n_obs, max(len(columns), 1)), -1, dtype=np.int64)
-    for k, (column, vals) in enumerate(zip(columns, values)):
-        if column not in adata.obs:
-            raise ValueError(f"covariate column '{column}' (params.covariates) is not in obs: {list(adata.obs.columns)}")
-        lookup = {v: i for i, v in enumerate(vals)}
-        out[:, k] = [lookup.get(v, -1) for v in adata.obs[column].astype(str)]
     return out
 
 
