@@ -4,6 +4,7 @@ bit-identical resume, and fit + sample of every tiny preset on the demo data."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from perturb_repro.models import primeflow as pf
 from perturb_repro.models._unet1d import AttentionBlock, Downsample, ResBlock, Upsample
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
+import perturb_repro.trainer as trainer_mod
 from fakes import SignalAfter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +310,7 @@ def test_resume_reaches_the_same_weights(tmp_path, train, context, preset):
     full, part = tmp_path / "full", tmp_path / "part"
     pf.PRiMeFlowModel().fit(train, None, context, _params(preset, 4, 2), full)
     pf.PRiMeFlowModel().fit(train, None, context, _params(preset, 2, 2), part)  # "interrupted" after 2 updates
-    assert (part / pf.STATE_FILE).read_text() == '{"step": 2}'
+    assert json.loads((part / pf.STATE_FILE).read_text())["step"] == 2
     pf.PRiMeFlowModel().fit(train, None, context, _params(preset, 4, 2), part)  # rerun continues at 2
     a, b = _weights(full), _weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -321,10 +323,10 @@ def test_sigterm_saves_and_resumes(tmp_path, monkeypatch, train, context):
     params = _params("tiny_mlp", 6, 100)
     pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path / "full")
     with monkeypatch.context() as m:
-        m.setattr(pf, "StopFlag", lambda: SignalAfter(2))
+        m.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(2))
         with pytest.raises(Preempted):
             pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path / "cut")
-    assert (tmp_path / "cut" / pf.STATE_FILE).read_text() == '{"step": 3}'  # saved where it stopped
+    assert json.loads((tmp_path / "cut" / pf.STATE_FILE).read_text()) == {"step": 3, "done": False}  # saved where it stopped
     pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path / "cut")
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)

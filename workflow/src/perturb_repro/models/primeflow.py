@@ -38,6 +38,7 @@ Everything the paper leaves open is a config key (``config/presets/primeflow.yam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -55,7 +56,8 @@ from ..data.conditions import genes_of
 from ..data.pca import dense
 from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
-from ..training import Preempted, StopFlag, TrainLog
+from ..distributed import current_world
+from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, resolve_device
 from ._flow import count_parameters, euler_integrate, guided_velocity
 from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
@@ -67,7 +69,7 @@ from .base import ModelContext
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 RANGES_FILE = "ranges.npz"
-STATE_FILE = "state.json"
+STATE_FILE = "trainer_state.json"  # the shared trainer's resume point
 LOG_FILE = "train_log.csv"
 
 
@@ -385,9 +387,13 @@ def build_spec(train: ad.AnnData, context: ModelContext, params: Mapping[str, An
 # training
 
 
-class _Trainer:
-    def __init__(self, spec, params, cells: _Cells, context: ModelContext, device: torch.device):
-        self.spec, self.params, self.cells, self.device = spec, params, cells, device
+class _FlowTask(TrainTask):
+    """Flow-matching loss of one micro-batch. Every draw (cells, noise, times, CFG drops) is made for the
+    *global* micro-batch from (seed, step, micro) and each process keeps its rows, so N data-parallel
+    processes compute what one process computes at the same global batch."""
+
+    def __init__(self, spec, params, cells: _Cells, context: ModelContext, world_size: int):
+        self.spec, self.params, self.cells = spec, params, cells
         self.seed = int(context.seed)
         flow = params.get("flow", {})
         self.p_uncond = float(flow.get("prob_unconditional", 0.0))
@@ -395,10 +401,15 @@ class _Trainer:
         self.sigma = float(flow.get("sigma", 0.0))
         self.p_sub = float(_get(params, "perturbation.substitute_prob", 0.0))
         tr = params["training"]
-        self.batch_size = int(tr["batch_size"])
-        self.micro = int(tr.get("grad_accum_steps", 1)) * int(tr.get("num_gpus", 1))  # DDP emulated by accumulation
-        self.grad_clip = tr.get("grad_clip")
-        self.amp = bool(tr.get("mixed_precision", False)) and device.type == "cuda"
+        per_gpu, n_gpus = int(tr["batch_size"]), int(tr.get("num_gpus", 1))
+        if n_gpus % world_size:
+            raise ValueError(f"training.num_gpus {n_gpus} (the paper's GPU count) must be a multiple of the "
+                             f"job's {world_size} data-parallel processes")
+        # Global batch per update = batch_size x num_gpus x grad_accum_steps (the paper's per-GPU batch on its
+        # GPUs). A micro-batch is batch_size cells per process; on fewer processes than the paper's GPUs the
+        # missing GPUs become extra accumulation, so the update sees the same number of cells.
+        self.batch_size = per_gpu * world_size
+        self.accum = int(tr.get("grad_accum_steps", 1)) * (n_gpus // world_size)
         if spec["coupling"] == "ot":
             ot = params["ot"]
             self.nspc = int(ot["num_samples_per_condition"])
@@ -414,7 +425,7 @@ class _Trainer:
             raise ValueError(f"coupling must be independent or ot, not {spec['coupling']!r}")
 
     def _batch(self, rng: np.random.Generator):
-        """(x0 or None, x1, row indices of the target cells)."""
+        """(x0 or None, x1, row indices of the target cells) of the global micro-batch."""
         if self.spec["coupling"] == "independent":
             idx = rng.integers(0, self.cells.n, size=self.batch_size)
             return None, self.cells.rows(idx), idx
@@ -432,32 +443,36 @@ class _Trainer:
         idx = np.concatenate(tgt)
         return np.concatenate(src), self.cells.rows(idx), idx
 
-    def loss(self, field: VelocityField, step: int, micro: int) -> torch.Tensor:
-        """One micro-batch's flow-matching loss; every random draw comes from (seed, step, micro)."""
+    def loss(self, field: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
         rng = np.random.default_rng(_step_seed(self.seed, step, micro))
         x0_np, x1_np, idx = self._batch(rng)
-        dev = self.device
+        dev = shard.device
         x1 = torch.as_tensor(x1_np, device=dev)
         tok = torch.as_tensor(self.cells.tok[idx], device=dev)
         cov = torch.as_tensor(self.cells.cov[idx], device=dev)
         b = x1.shape[0]
-        torch.manual_seed(_step_seed(self.seed, step, micro, 1))  # inside fork_rng: dropout masks too
+        torch.manual_seed(_step_seed(self.seed, step, micro, 1))  # the same on every rank; the trainer forks the RNG
         x0 = torch.randn_like(x1) if x0_np is None else torch.as_tensor(x0_np, device=dev)
         t = torch.rand(b, device=dev)
         noise = torch.randn_like(x1) if self.sigma > 0 else None
         drop = torch.rand(b, device=dev) < self.p_uncond
         sub = (torch.rand(tok.shape, device=dev) < self.p_sub) & (tok >= 0) if self.p_sub > 0 else None
+        x0, x1, tok, cov, t, drop = shard.take([x0, x1, tok, cov, t, drop])
+        noise = shard.take(noise) if noise is not None else None
+        sub = shard.take(sub) if sub is not None else None
         xt, ut = interpolate(x0, x1, t, self.kind, self.sigma, noise)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
-            v = field(xt, t, tok, cov, drop=drop, substitute=sub)
+        v = field(xt, t, tok, cov, drop=drop, substitute=sub)
         return F.mse_loss(v.float(), ut)
 
 
-def _device(params: Mapping[str, Any]) -> torch.device:
-    choice = str(_get(params, "training.device", "auto"))
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+def trainer_config(training: Mapping[str, Any], total: int, seed: int) -> TrainerConfig:
+    """The preset's training keys as the shared trainer's settings (``mixed_precision``: bf16 on CUDA)."""
+    return TrainerConfig(
+        total_steps=total, seed=seed, checkpoint_every=int(training.get("checkpoint_every") or 0),
+        precision=str(training.get("precision") or ("bf16" if training.get("mixed_precision") else "fp32")),
+        grad_clip=float(training["grad_clip"]) if training.get("grad_clip") else None,
+        device=str(training.get("device", "auto")), progress=bool(training.get("progress", True)),
+    )
 
 
 def _make_optimizer(field: nn.Module, training: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -480,10 +495,9 @@ def build_field(spec: Mapping[str, Any], seed: int) -> VelocityField:
         return VelocityField(spec)
 
 
-def _save(checkpoint_dir: Path, field: VelocityField, optimizer, step: int) -> None:
+def _save(checkpoint_dir: Path, field: VelocityField, step: int) -> None:
     with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
-        torch.save({"model": field.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    write_text(json.dumps({"step": step}), checkpoint_dir / STATE_FILE)
+        torch.save({"model": field.state_dict(), "step": step}, tmp)
 
 
 def load_field(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[VelocityField, dict[str, Any]]:
@@ -512,55 +526,25 @@ class PRiMeFlowModel:
         with atomic_path(checkpoint_dir / RANGES_FILE) as tmp:
             np.savez(tmp, lo=lo, hi=hi)
 
-        device = _device(params)
         training = params["training"]
         cells = _Cells(train, context, spec)
-        trainer = _Trainer(spec, params, cells, context, device)
         total = total_steps(training, cells.n)
-        every = int(training.get("checkpoint_every") or total)
+        trainer = Trainer(trainer_config(training, total, int(context.seed)), checkpoint_dir, kind="primeflow",
+                          fingerprint=spec, log_file=LOG_FILE)
+        task = _FlowTask(spec, params, cells, context, trainer.world.size)
+        trainer.config = dataclasses.replace(trainer.config, grad_accum_steps=task.accum)
 
-        field = build_field(spec, context.seed).to(device)
+        field = build_field(spec, context.seed)
         field.cond.set_bank(*_esm_bank(spec["vocab"], context, spec["esm_dim"]))
         optimizer = _make_optimizer(field, training)
-        state_path = checkpoint_dir / STATE_FILE
-        start = 0
-        if state_path.exists() and (checkpoint_dir / MODEL_FILE).exists():
-            saved = torch.load(checkpoint_dir / MODEL_FILE, map_location=device, weights_only=True)
-            field.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            start = int(saved["step"])
-        log = TrainLog(checkpoint_dir / LOG_FILE, start)
-        devices = [device.index or 0] if device.type == "cuda" else []
-        try:
-            with StopFlag() as flag, torch.random.fork_rng(devices=devices):
-                field.train()
-                step = start
-                while step < total:
-                    optimizer.zero_grad(set_to_none=True)
-                    value = 0.0
-                    for m in range(trainer.micro):
-                        loss = trainer.loss(field, step, m) / trainer.micro
-                        loss.backward()
-                        value += loss.detach().item()
-                    if trainer.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(field.parameters(), float(trainer.grad_clip))
-                    optimizer.step()
-                    log.add(step, value)
-                    step += 1
-                    signalled = flag.raised
-                    if step % every == 0 or step == total or signalled:
-                        log.flush()
-                        _save(checkpoint_dir, field, optimizer, step)
-                    if signalled:
-                        raise Preempted(f"signal {signalled} at step {step}; state saved, rerun to resume")
-                if start >= total and not (checkpoint_dir / MODEL_FILE).exists():
-                    _save(checkpoint_dir, field, optimizer, step)
-        finally:
-            log.close()
+        result = trainer.fit(field, optimizer, task)
+        if trainer.is_main:
+            _save(checkpoint_dir, result.module, result.steps)
+        trainer.close()
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         checkpoint_dir = Path(checkpoint_dir)
-        device = _device(params)
+        device = resolve_device(str(_get(params, "training.device", "auto")), current_world())
         field, spec = load_field(checkpoint_dir, device)
         with np.load(checkpoint_dir / RANGES_FILE) as r:
             lo, hi = r["lo"], r["hi"]
