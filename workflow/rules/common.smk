@@ -95,8 +95,30 @@ def raw_path(dataset):
 
 
 def model_resources(model, stage, key, default):
-    """Per-model cluster resources from config (training and sampling share them)."""
-    return config["models"][model].get("resources", {}).get(key, default)
+    """Per-model cluster resources: a stage block (``train``/``autoencoder``/``sample``) over the top-level keys."""
+    block = config["models"][model].get("resources", {})
+    return block.get(stage, {}).get(key, block.get(key, default))
+
+
+def world_of(model, stage):
+    """(nodes, GPU processes per node) of a training stage; (1, 1) for a one-process job."""
+    nodes = int(model_resources(model, stage, "nodes", 1))
+    gpus = int(model_resources(model, stage, "gpu", 0))
+    return nodes, max(1, gpus)
+
+
+def is_data_parallel(model, stage):
+    nodes, per_node = world_of(model, stage)
+    return nodes * per_node > 1
+
+
+def data_parallel_models(stage):
+    return [m for m in MODELS if is_data_parallel(m, stage)]
+
+
+def model_constraint(models):
+    """A wildcard pattern matching exactly these model keys (never-matching when empty)."""
+    return "|".join(re.escape(m) for m in models) or "(?!x)x"
 
 
 def needs_esm2(model, dataset):

@@ -55,10 +55,10 @@ rule train_autoencoder:
         "benchmarks/train_autoencoder/{dataset}/{model}.tsv"
     threads: 1
     resources:
-        gpu=lambda w: model_resources(w.model, "train", "gpu", 0),
-        mem_mb=lambda w: model_resources(w.model, "train", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "train", "runtime", 60),
-        cpus_per_task=lambda w: model_resources(w.model, "train", "cpus", 1),
+        gpu=lambda w: model_resources(w.model, "autoencoder", "gpu", 0),
+        mem_mb=lambda w: model_resources(w.model, "autoencoder", "mem_mb", 4000),
+        runtime=lambda w: model_resources(w.model, "autoencoder", "runtime", 60),
+        cpus_per_task=lambda w: model_resources(w.model, "autoencoder", "cpus", 1),
     conda:
         ENV
     script:
@@ -94,6 +94,39 @@ rule train_model:
         ENV
     script:
         "../scripts/train_model.py"
+
+
+# Data-parallel training (resources: {train: {gpu: G, nodes: N}}): the same rule as one SLURM job of N nodes x G
+# tasks. `mpi` makes the SLURM plugin run the job script once in the allocation (not under `srun -n1`); the script
+# then starts one process per GPU with srun (distributed.launch). gpu is the job's total for `sbatch --gpus`.
+use rule train_model as train_model_ddp with:
+    wildcard_constraints:
+        model=model_constraint(data_parallel_models("train")),
+    resources:
+        gpu=lambda w: world_of(w.model, "train")[0] * world_of(w.model, "train")[1],
+        nodes=lambda w: world_of(w.model, "train")[0],
+        tasks_per_node=lambda w: world_of(w.model, "train")[1],
+        mpi="srun",
+        mem_mb=lambda w: model_resources(w.model, "train", "mem_mb", 4000),
+        runtime=lambda w: model_resources(w.model, "train", "runtime", 60),
+        cpus_per_task=lambda w: model_resources(w.model, "train", "cpus", 1),
+
+
+use rule train_autoencoder as train_autoencoder_ddp with:
+    wildcard_constraints:
+        model=model_constraint(data_parallel_models("autoencoder")),
+    resources:
+        gpu=lambda w: world_of(w.model, "autoencoder")[0] * world_of(w.model, "autoencoder")[1],
+        nodes=lambda w: world_of(w.model, "autoencoder")[0],
+        tasks_per_node=lambda w: world_of(w.model, "autoencoder")[1],
+        mpi="srun",
+        mem_mb=lambda w: model_resources(w.model, "autoencoder", "mem_mb", 4000),
+        runtime=lambda w: model_resources(w.model, "autoencoder", "runtime", 60),
+        cpus_per_task=lambda w: model_resources(w.model, "autoencoder", "cpus", 1),
+
+
+ruleorder: train_model_ddp > train_model
+ruleorder: train_autoencoder_ddp > train_autoencoder
 
 
 rule sample_model:

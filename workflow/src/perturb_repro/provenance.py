@@ -85,5 +85,24 @@ def run_manifest(
         "packages": package_versions(),
         "seed": seed,
         "device": _device(),
+        "training_devices": _training_devices(inputs.get("checkpoint")),
         "wall_seconds": _benchmark_seconds(benchmarks),
     }
+
+
+def _training_devices(checkpoint: Iterable[str] | str | None) -> dict[str, Any]:
+    """What the training job asked for and ran on: the GPU guard's report (config_used.json) and the shared
+    trainer's device, precision and world size (trainer.json)."""
+    if not checkpoint:
+        return {}
+    directory = Path(checkpoint if isinstance(checkpoint, str) else list(checkpoint)[0])
+    out: dict[str, Any] = {}
+    used = directory / "config_used.json"
+    if used.exists():
+        out["guard"] = json.loads(used.read_text()).get("devices", {})
+    trainer = directory / "trainer.json"
+    if trainer.exists():
+        report = json.loads(trainer.read_text())
+        out["trainer"] = {k: report.get(k) for k in ("device", "gpu_model", "precision_requested", "precision_used",
+                                                     "world_size", "backend", "steps")}
+    return out

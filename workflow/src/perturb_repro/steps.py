@@ -69,6 +69,7 @@ def _context(dataset: str, adata: ad.AnnData, pca: str, esm2: str | None, seed: 
 def train_step(
     dataset: str, processed: str, pca: str, esm2: str, model_cfg: Mapping[str, Any], params: Mapping[str, Any],
     checkpoint_dir: str, seed: int, stage: str = "fit", stage_inputs: Mapping[str, str] | None = None,
+    device_report: Mapping[str, Any] | None = None,
 ) -> None:
     """Train one stage of a model into ``checkpoint_dir``.
 
@@ -89,14 +90,44 @@ def train_step(
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     getattr(get_model(model_cfg["type"]), stage)(train, val, context, params, work)
+    from .distributed import current_world
+
+    if not current_world().is_main:
+        return  # rank 0 writes the job's files
     write_text(
         json.dumps({"model": dict(model_cfg), "stage": stage, "params": dict(params), "seed": seed,
-                    "train_seconds": time.time() - started}, indent=2, default=str),
+                    "train_seconds": time.time() - started, "devices": dict(device_report or {})},
+                   indent=2, default=str),
         work / "config_used.json",
     )
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
+
+
+def train_job(snakemake) -> None:
+    """A training rule's whole job: the GPU guard, then one process, or one per GPU (data parallel)."""
+    from .devices import guard_job
+    from .distributed import launch
+    from .models.base import framework_of
+
+    model_cfg = snakemake.params.model_cfg
+    report = guard_job(snakemake, framework_of(model_cfg["type"]))
+    stage_inputs = {"_autoencoder_dir": snakemake.input.autoencoder} if snakemake.input.get("autoencoder") else None
+    kwargs = dict(
+        dataset=snakemake.wildcards.dataset, processed=snakemake.input.processed, pca=snakemake.input.pca,
+        esm2=snakemake.input.get("esm2") or None, model_cfg=dict(model_cfg), params=dict(snakemake.params.params),
+        checkpoint_dir=snakemake.output[0], seed=int(snakemake.params.seed),
+        stage=snakemake.params.get("stage", "fit"), stage_inputs=stage_inputs, device_report=report.as_dict(),
+    )
+    nodes = int(snakemake.resources.get("nodes", 1) or 1)
+    per_node = int(snakemake.resources.get("tasks_per_node", 1) or 1)
+    if nodes * per_node == 1:
+        train_step(**kwargs)
+        return
+    out = Path(snakemake.output[0])
+    launch({"function": "perturb_repro.steps:train_step", "kwargs": kwargs}, out.with_name(out.name + ".ddp_job.json"),
+           nodes=nodes, tasks_per_node=per_node)
 
 
 def group_columns(adata: ad.AnnData) -> list[str]:

@@ -78,6 +78,14 @@ MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
 }
 
 
+# The framework a model's jobs compute with (what the GPU guard asks for accelerators); default torch.
+MODEL_FRAMEWORK: dict[str, str] = {"cellflow": "jax", "control_mean": "none", "additive": "none"}
+
+
+def framework_of(model_type: str) -> str:
+    return MODEL_FRAMEWORK.get(model_type, "torch")
+
+
 def get_model(model_type: str) -> PerturbationModel:
     try:
         target = MODEL_REGISTRY[model_type]
