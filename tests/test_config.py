@@ -53,7 +53,8 @@ def test_paper_config_plans_the_data_chain_of_every_dataset(scratch):
         assert (("embed_genes", f"dataset={dataset}") in planned) == wants_esm2, dataset
         for model in entry["models"]:
             owner = config["models"][model].get("shares_checkpoint_with", model)
-            assert any(r == "train_model" and w == f"dataset={dataset}, model={owner}" for r, w in planned), (dataset, owner)
+            assert any(r in ("train_model", "train_model_ddp") and w == f"dataset={dataset}, model={owner}"
+                       for r, w in planned), (dataset, owner)
             assert ("sample_model", f"dataset={dataset}, model={model}") in planned
 
 
