@@ -23,6 +23,7 @@ from perturb_repro.models import _scldm_nets as nets
 from perturb_repro.models import scldm as S
 from perturb_repro.models.base import MODEL_EXTRA_SOURCES, MODEL_REGISTRY, ModelContext
 from perturb_repro.training import Preempted
+import perturb_repro.trainer as trainer_mod
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = yaml.safe_load((REPO / "config" / "presets" / "scldm.yaml").read_text())
@@ -47,16 +48,22 @@ def test_paper_preset_has_the_card_values():
     assert p["flow"]["training"]["batch_size"] == 360 and p["flow"]["training"]["weight_decay"] == 0.01
     assert p["autoencoder"]["training"]["optimizer"] == p["flow"]["training"]["optimizer"] == "adamw"
     assert p["flow"]["training"]["schedule"]["type"] == p["autoencoder"]["training"]["schedule"]["type"] == "cosine"
+    ae_tr, fm_tr = p["autoencoder"]["training"], p["flow"]["training"]
+    assert (ae_tr["nodes"], ae_tr["gpus_per_node"], fm_tr["nodes"], fm_tr["gpus_per_node"]) == (1, 8, 4, 8)
+    assert S.global_batch_size(ae_tr) == ae_tr["global_batch_size"] == 8 * 8
+    assert S.global_batch_size(fm_tr) == fm_tr["global_batch_size"] == 360 * 4 * 8
+    assert ae_tr["precision"] == fm_tr["precision"] == "fp32"  # upstream marson_vae / marson_fm: precision 32
     if CARD.exists():  # the values above are the card's
         card = CARD.read_text()
         for text in ("3,699", "60 epochs", "150 epochs", "batch size 360", "weight decay 0.01", "AdamW", "cosine decay",
-                     "15.2M", "44.3M"):
+                     "15.2M", "44.3M", "1 node x 8 NVIDIA H100", "4 nodes x 8 NVIDIA H100"):
             assert text in card, text
     # every value the card does not give is marked in the preset file
     lines = (REPO / "config" / "presets" / "scldm.yaml").read_text().splitlines()
     paper = lines[lines.index("paper:") + 1: lines.index("tiny:")]
     card_keys = ("epochs:", "batch_size: 360", "weight_decay: 0.01", "optimizer: adamw", "schedule:", "n_genes:",
-                 "input_aggregation:", "covariates:")
+                 "input_aggregation:", "covariates:", "nodes: 1", "nodes: 4", "gpus_per_node: 8",
+                 "global_batch_size: 64", "global_batch_size: 11520")
     for line in paper:
         body = line.split("#")[0].strip()
         if body and not body.endswith(":") and not any(k in body for k in card_keys):
@@ -191,6 +198,34 @@ def test_lr_schedule_warmup_and_cosine():
     assert all(a <= b + 1e-12 for a, b in pairwise(f[:11])) and all(a >= b - 1e-12 for a, b in pairwise(f[10:]))
 
 
+def test_trainer_schedule_gives_the_old_loops_lr_per_update():
+    """The shared trainer's per-update LambdaLR (stepped after every update, saved and restored with the
+    optimiser) sets exactly the LR the pre-trainer loop set before update s: learning_rate x lr_factor(s)."""
+    training = {"learning_rate": 3e-3, "betas": [0.9, 0.95],
+                "schedule": {"type": "cosine", "warmup_fraction": 0.1, "init_div_factor": 10, "final_lr_factor": 0.1}}
+    total = 30
+
+    def make():
+        w = torch.nn.Linear(2, 1)
+        opt = S._optimizer(w, training)
+        return w, opt, S._schedule(opt, training, total)
+
+    w, opt, sched = make()
+    seen = []
+    for s in range(total):
+        if s == 12:  # resume: fresh objects, state restored in the trainer's order (optimiser, then schedule)
+            state = (opt.state_dict(), sched.state_dict())
+            w, opt, sched = make()
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+        seen.append(opt.param_groups[0]["lr"])
+        w(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert seen == [3e-3 * S.lr_factor(s, total, training["schedule"]) for s in range(total)]
+
+
 # --------------------------------------------------------------------------------------------------
 # the demo data
 
@@ -233,7 +268,7 @@ def test_resume_both_stages_bit_identical(tmp_path, small_train, context, monkey
     model.fit(small_train, None, context, _params(4, 4, _autoencoder_dir=str(full / "ae")), full / "fm")
     # stage 1: SIGTERM after the 2nd update -> state saved at step 2, Preempted; the rerun resumes there
     with monkeypatch.context() as m:
-        m.setattr(S, "StopFlag", lambda: SignalAfter(1))
+        m.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(1))
         with pytest.raises(Preempted):
             model.fit_autoencoder(small_train, None, context, _params(4, 4), part / "ae")
     assert json.loads((part / "ae" / S.STATE_FILE).read_text())["step"] == 2
@@ -245,7 +280,7 @@ def test_resume_both_stages_bit_identical(tmp_path, small_train, context, monkey
     # stage 2: SIGTERM after the 2nd update -> state saved at step 2, Preempted; rerun resumes
     params = _params(4, 4, _autoencoder_dir=str(part / "ae"))
     with monkeypatch.context() as m:
-        m.setattr(S, "StopFlag", lambda: SignalAfter(1))
+        m.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(1))
         with pytest.raises(Preempted):
             model.fit(small_train, None, context, params, part / "fm")
     assert json.loads((part / "fm" / S.STATE_FILE).read_text())["step"] == 2

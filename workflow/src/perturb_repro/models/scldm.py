@@ -54,13 +54,17 @@ each cell's expressed genes (upstream ``sample_genes: expressed``; padding is ma
 upstream's learned mask token) -- with all genes as tokens the tiny model's latent collapsed on the
 sparse demo cells (~15 non-zero of 500 genes); latents are not rescaled (the encoder's last
 LayerNorm makes each token zero-mean/unit-variance); epochs are converted to optimiser updates as
-ceil(epochs * n_train / batch_size); one device, no DDP; bf16 autocast only on CUDA when ``mixed_precision``; EMA of the DiT (upstream ldm_base) is
-optional and used for sampling when on.
+ceil(epochs * n_train / global_batch_size); EMA of the DiT (upstream ldm_base) is optional and
+used for sampling when on.
 
-Preemption: both stages poll ``StopFlag`` every update, save model + optimiser (+ EMA) atomically
-every ``checkpoint_every`` updates and on a signal (then raise ``Preempted``), and resume from the
-saved update; batches, noise, times and dropout masks are drawn from RNGs seeded by (seed, stage,
-step), so an interrupted + resumed CPU run gives bit-identical weights.
+Training runs through the shared trainer (``perturb_repro.trainer``): device, precision (preset key
+``precision``; bf16/fp16 only on CUDA, CPU stays fp32), gradient clipping, the LR schedule (``lr_factor``
+as a per-update LambdaLR), EMA, checkpoints every ``checkpoint_every`` updates and on SIGTERM/SIGUSR1,
+resume and DDP. Batch size: the preset states the card's *global* batch (``global_batch_size`` =
+per-GPU ``batch_size`` x ``nodes`` x ``gpus_per_node``); each loss draws the global batch's cells,
+noise, times and CFG drops from (seed, stage, step) and keeps its rows (``Shard.take``), so N
+data-parallel processes train what one process trains at the same global batch, and an interrupted +
+resumed CPU run gives bit-identical weights.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +86,10 @@ from torch import nn
 
 from ..data.conditions import genes_of
 from ..data.source import CONDITION, IS_CONTROL
+from ..distributed import current_world
 from ..io import atomic_path, write_text
-from ..training import Preempted, StopFlag, TrainLog
+from ..trainer import EMA, STATE_FILE as TRAINER_STATE_FILE
+from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, lambda_schedule, resolve_device
 from ._flow import euler_integrate, guided_velocity
 from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
@@ -94,16 +100,16 @@ from .base import ModelContext
 
 # autoencoder directory (stage 1)
 AE_META_FILE = "meta.json"
-AE_TRAIN_STATE = "train_state.pt"   # model + optimiser + step, written periodically
+AE_TRAIN_STATE = TRAINER_STATE_FILE  # the shared trainer's state (model, optimiser, schedule, EMA, step)
 AE_WEIGHTS = "autoencoder.pt"       # final weights, written once stage 1 is complete
 LIBRARY_FILE = "library.npy"        # train cells' (panel library size, normalisation unit), for decoding
 # flow checkpoint directory (stage 2); also holds copies of AE_WEIGHTS, LIBRARY_FILE and
 # AUTOENCODER_META_FILE so that sample() reads only this directory
 META_FILE = "meta.json"
 AUTOENCODER_META_FILE = "autoencoder_meta.json"
-FM_TRAIN_STATE = "train_state.pt"
+FM_TRAIN_STATE = TRAINER_STATE_FILE
 DIT_WEIGHTS = "dit.pt"
-STATE_FILE = "state.json"
+STATE_FILE = "trainer_state.json"   # the shared trainer's resume point: {"step", "done"}
 LOG_FILE = "train_log.csv"
 AE_SUBDIR = "autoencoder"
 
@@ -112,13 +118,6 @@ _STAGE_AE, _STAGE_FM = 1, 2
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _device(training: Mapping[str, Any]) -> torch.device:
-    choice = str(training.get("device", "auto"))
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def _threads(params: Mapping[str, Any]) -> None:
@@ -241,7 +240,7 @@ def log_normalize(x: np.ndarray, target_sum: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# shared training loop
+# training settings (the loop is the shared trainer's)
 
 
 def lr_factor(step: int, total: int, schedule: Mapping[str, Any] | None) -> float:
@@ -278,88 +277,54 @@ def _optimizer(module: nn.Module, training: Mapping[str, Any]) -> torch.optim.Op
                betas=betas, weight_decay=float(training.get("weight_decay", 0.0)))
 
 
+def global_batch_size(training: Mapping[str, Any]) -> int:
+    """Cells per optimiser update over all processes: ``global_batch_size``, which must equal the per-GPU
+    ``batch_size`` x ``nodes`` x ``gpus_per_node`` of the hardware the preset describes (default 1 x 1, so
+    a preset without them trains ``batch_size`` cells per update). Each of a job's W processes computes
+    global / W of them, whatever W is."""
+    per_gpu = int(training["batch_size"])
+    n_gpus = int(training.get("nodes") or 1) * int(training.get("gpus_per_node") or 1)
+    given = training.get("global_batch_size")
+    if given is not None and int(given) != per_gpu * n_gpus:
+        raise ValueError(f"global_batch_size {given} != batch_size {per_gpu} x nodes x gpus_per_node ({n_gpus}); "
+                         "change them together")
+    return per_gpu * n_gpus
+
+
 def total_steps(training: Mapping[str, Any], n_cells: int) -> int:
-    """Optimiser updates: ``num_steps``, or ceil(``epochs`` * n_cells / batch_size)."""
+    """Optimiser updates: ``num_steps``, or ceil(``epochs`` * n_cells / global batch)."""
     if training.get("num_steps") is not None:
         return int(training["num_steps"])
-    return max(1, math.ceil(float(training["epochs"]) * n_cells / int(training["batch_size"])))
+    return max(1, math.ceil(float(training["epochs"]) * n_cells / global_batch_size(training)))
 
 
-class _EMA:
-    """Exponential moving average of parameters (ema_pytorch-style: copies until ``start``)."""
-
-    def __init__(self, module: nn.Module, decay: float, every: int, start: int):
-        self.decay, self.every, self.start = decay, max(1, every), start
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def update(self, module: nn.Module, step: int) -> None:
-        if (step + 1) % self.every:
-            return
-        with torch.no_grad():
-            for k, v in module.state_dict().items():
-                if step < self.start or not v.is_floating_point():
-                    self.shadow[k].copy_(v)
-                else:
-                    self.shadow[k].lerp_(v, 1 - self.decay)
+def trainer_config(training: Mapping[str, Any], total: int, seed: int) -> TrainerConfig:
+    """A stage's training keys as the shared trainer's settings. ``precision`` fp32 | tf32 | bf16 | fp16
+    (old presets' ``mixed_precision: true`` = bf16); it applies on CUDA only, CPU runs stay fp32."""
+    return TrainerConfig(
+        total_steps=total, seed=seed, checkpoint_every=int(training.get("checkpoint_every") or 0),
+        precision=str(training.get("precision") or ("bf16" if training.get("mixed_precision") else "fp32")),
+        grad_clip=float(training["grad_clip"]) if training.get("grad_clip") else None,
+        device=str(training.get("device", "auto")), progress=bool(training.get("progress", True)),
+    )
 
 
-def _train(checkpoint_dir: Path, state_file: str, final_file: str, module: nn.Module, training: Mapping[str, Any],
-           total: int, loss_fn: Callable[[int], torch.Tensor], device: torch.device,
-           ema: _EMA | None = None, final_extra: Mapping[str, Any] | None = None) -> None:
-    """Resumable loop: one optimiser update per step; atomic saves; Preempted on a signal."""
-    optimizer = _optimizer(module, training)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    grad_clip = training.get("grad_clip")
-    every = int(training.get("checkpoint_every") or total)
-    state_path = checkpoint_dir / state_file
-    start = 0
-    if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=True)
-        module.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.shadow = saved["ema"]
-        start = int(saved["step"])
+def _schedule(optimizer: torch.optim.Optimizer, training: Mapping[str, Any], total: int):
+    """The LR of update s is learning_rate x lr_factor(s, total) (what the pre-trainer loop set before each update)."""
+    schedule = training.get("schedule")
+    return lambda_schedule(optimizer, lambda step: lr_factor(step, total, schedule))
 
-    def save(step: int) -> None:
-        with atomic_path(state_path) as tmp:
-            torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "ema": ema.shadow if ema is not None else None}, tmp)
-        write_text(json.dumps({"step": step, "total": total}), checkpoint_dir / STATE_FILE)
 
-    log = TrainLog(checkpoint_dir / LOG_FILE, start)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with StopFlag() as flag, torch.random.fork_rng(devices=devices):
-            module.train()
-            step = start
-            while step < total:
-                factor = lr_factor(step, total, training.get("schedule"))
-                for g, lr in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = lr * factor
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(step)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), float(grad_clip))
-                optimizer.step()
-                if ema is not None:
-                    ema.update(module, step)
-                log.add(step, loss.detach().item())
-                step += 1
-                signalled = flag.raised
-                if step % every == 0 or step == total or signalled:
-                    log.flush()
-                    save(step)
-                if signalled:
-                    raise Preempted(f"signal {signalled} at step {step}; state saved, rerun to resume")
-            if not state_path.exists():
-                save(step)
-    finally:
-        log.close()
-    weights = {"model": (ema.shadow if ema is not None else module.state_dict()), **(final_extra or {})}
-    with atomic_path(checkpoint_dir / final_file) as tmp:
-        torch.save(weights, tmp)
+def _ema(module: nn.Module, training: Mapping[str, Any]) -> EMA | None:
+    if float(training.get("ema_decay") or 0) <= 0:
+        return None
+    return EMA(module, float(training["ema_decay"]), int(training.get("ema_update_every", 1)),
+               int(training.get("ema_update_after_step", 0)))
+
+
+def _save_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": dict(weights)}, tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,21 +354,20 @@ def load_autoencoder(directory: Path, device: torch.device | str = "cpu",
     return model.to(device).eval(), spec
 
 
-def _ae_loss_fn(model: Autoencoder, counts: sp.csr_matrix, library: np.ndarray, batch_size: int, seed: int,
-                device: torch.device, amp: bool) -> Callable[[int], torch.Tensor]:
-    n = counts.shape[0]
+class _AutoencoderTask(TrainTask):
+    """NB reconstruction loss of this process's rows of update ``step``'s global batch (drawn from (seed, step))."""
 
-    def loss(step: int) -> torch.Tensor:
-        rng = np.random.default_rng(_step_seed(seed, _STAGE_AE, step))
-        idx = np.sort(rng.choice(n, size=min(batch_size, n), replace=False))
-        x = torch.as_tensor(counts[idx].toarray(), device=device)
-        lib = torch.as_tensor(library[idx], device=device)
-        torch.manual_seed(_step_seed(seed, _STAGE_AE, step, 1))  # dropout masks
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            mu, theta = model(x, lib)
+    def __init__(self, counts: sp.csr_matrix, library: np.ndarray, batch_size: int, seed: int):
+        self.counts, self.library, self.batch_size, self.seed = counts, library, batch_size, seed
+
+    def loss(self, module: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
+        n = self.counts.shape[0]
+        rng = np.random.default_rng(_step_seed(self.seed, _STAGE_AE, step))
+        idx = shard.take(np.sort(rng.choice(n, size=min(self.batch_size, n), replace=False)))
+        x = torch.as_tensor(self.counts[idx].toarray(), device=shard.device)
+        lib = torch.as_tensor(self.library[idx], device=shard.device)
+        mu, theta = module(x, lib)  # dropout masks: the trainer seeds them per (seed, step, rank)
         return nb_loss(x, mu.float(), theta.float())
-
-    return loss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,28 +423,32 @@ def encode_cells(model: Autoencoder, counts: sp.csr_matrix, device: torch.device
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _fm_loss_fn(dit: DiT, latents: torch.Tensor, tok: np.ndarray, cov: np.ndarray, flow: Mapping[str, Any],
-                batch_size: int, seed: int, device: torch.device, amp: bool) -> Callable[[int], torch.Tensor]:
-    n = latents.shape[0]
-    p_drop = float(flow.get("cfg_dropout_prob", 0.1))
-    eps = float(flow.get("train_eps", 1e-5))
+class _FlowTask(TrainTask):
+    """Flow-matching loss of this process's rows of update ``step``'s global batch: cells, noise z0, times
+    and CFG drops are drawn for the whole global batch from (seed, step) and each process keeps its rows."""
 
-    def loss(step: int) -> torch.Tensor:
-        rng = np.random.default_rng(_step_seed(seed, _STAGE_FM, step))
-        idx = rng.choice(n, size=min(batch_size, n), replace=False)
-        z1 = latents[idx].to(device)
-        t_tok, t_cov = torch.as_tensor(tok[idx], device=device), torch.as_tensor(cov[idx], device=device)
-        torch.manual_seed(_step_seed(seed, _STAGE_FM, step, 1))
-        z0 = torch.randn_like(z1)
-        t = eps + (1 - 2 * eps) * torch.rand(z1.shape[0], device=device)
-        drop = torch.rand(z1.shape[0], device=device) < p_drop
+    def __init__(self, latents: torch.Tensor, tok: np.ndarray, cov: np.ndarray, flow: Mapping[str, Any],
+                 batch_size: int, seed: int):
+        self.latents, self.tok, self.cov, self.batch_size, self.seed = latents, tok, cov, batch_size, seed
+        self.p_drop = float(flow.get("cfg_dropout_prob", 0.1))
+        self.eps = float(flow.get("train_eps", 1e-5))
+
+    def loss(self, module: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
+        n, dev, eps = self.latents.shape[0], shard.device, self.eps
+        rng = np.random.default_rng(_step_seed(self.seed, _STAGE_FM, step))
+        idx = rng.choice(n, size=min(self.batch_size, n), replace=False)
+        b = len(idx)
+        gen = torch.Generator(device=dev).manual_seed(_step_seed(self.seed, _STAGE_FM, step, 1))
+        z0 = torch.randn((b, *self.latents.shape[1:]), generator=gen, device=dev)
+        t = eps + (1 - 2 * eps) * torch.rand(b, generator=gen, device=dev)
+        drop = torch.rand(b, generator=gen, device=dev) < self.p_drop
+        idx, z0, t, drop = shard.take([idx, z0, t, drop])
+        z1 = self.latents[idx].to(dev)
+        t_tok, t_cov = torch.as_tensor(self.tok[idx], device=dev), torch.as_tensor(self.cov[idx], device=dev)
         tt = t[:, None, None]
         zt = tt * z1 + (1 - tt) * z0
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            v = dit(zt, t, t_tok, t_cov, drop=drop)
+        v = module(zt, t, t_tok, t_cov, drop=drop)
         return F.mse_loss(v.float(), z1 - z0)
-
-    return loss
 
 
 def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[DiT, dict[str, Any]]:
@@ -493,12 +461,13 @@ def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[
 
 
 def _complete(directory: Path, weights: str, total: int | None = None) -> bool:
-    """Final weights written and the saved state reached the planned number of updates."""
+    """Final weights written and the trainer's saved state reached ``total`` updates (None: the run it
+    was started for finished)."""
     state = directory / STATE_FILE
     if not ((directory / weights).exists() and state.exists()):
         return False
     saved = json.loads(state.read_text())
-    return int(saved["step"]) >= int(saved["total"] if total is None else total)
+    return bool(saved.get("done")) if total is None else int(saved["step"]) >= int(total)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,12 +493,19 @@ class ScLDMModel:
         # (library over the panel, normalisation unit) of every train cell, for decoding generated cells
         with atomic_path(ae_dir / LIBRARY_FILE) as tmp:
             np.save(tmp, np.stack([library.astype(np.float64), normalisation_units(train, counts)], axis=1))
-        device = _device(training)
-        amp = bool(training.get("mixed_precision", False)) and device.type == "cuda"
-        model = build_autoencoder(spec, context.seed).to(device)
-        loss_fn = _ae_loss_fn(model, counts, library, int(training["batch_size"]), int(context.seed), device, amp)
-        _train(ae_dir, AE_TRAIN_STATE, AE_WEIGHTS, model, training, total, loss_fn, device)
-        summary: dict[str, Any] = {"total_steps": total, "n_parameters": sum(p.numel() for p in model.parameters())}
+        trainer = Trainer(trainer_config(training, total, int(context.seed)), ae_dir, kind="scldm_autoencoder",
+                          fingerprint=spec, log_file=LOG_FILE)
+        model = build_autoencoder(spec, context.seed)
+        optimizer = _optimizer(model, training)
+        task = _AutoencoderTask(counts, library, global_batch_size(training), int(context.seed))
+        result = trainer.fit(model, optimizer, task, scheduler=_schedule(optimizer, training, total))
+        if not trainer.is_main:
+            trainer.close()
+            return
+        _save_weights(ae_dir / AE_WEIGHTS, model.state_dict())
+        device = trainer.device
+        summary: dict[str, Any] = {"total_steps": result.steps, "n_parameters": sum(p.numel() for p in model.parameters()),
+                                   "trainer": result.report}
         if val is not None and val.n_obs:  # validation NB loss of the final autoencoder (reported only)
             model.eval()
             vc = counts_matrix(val, params.get("counts"))
@@ -539,6 +515,7 @@ class ScLDMModel:
                 mu, theta = model(x, x.sum(1))
                 summary["val_nb_loss"] = float(nb_loss(x, mu, theta))
         write_text(json.dumps(summary), ae_dir / "summary.json")
+        trainer.close()
 
     def fit(self, train: ad.AnnData, val: ad.AnnData | None, context: ModelContext, params: Mapping[str, Any],
             checkpoint_dir: Path) -> None:
@@ -570,8 +547,9 @@ class ScLDMModel:
         if _complete(checkpoint_dir, DIT_WEIGHTS, total):
             return
         (checkpoint_dir / DIT_WEIGHTS).unlink(missing_ok=True)
-        device = _device(training)
-        amp = bool(training.get("mixed_precision", False)) and device.type == "cuda"
+        trainer = Trainer(trainer_config(training, total, int(context.seed)), checkpoint_dir, kind="scldm_flow",
+                          fingerprint=spec, log_file=LOG_FILE)
+        device = trainer.device
         ae, _ = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
         counts = counts_matrix(train, params.get("counts"))
         latents = encode_cells(ae, counts, device, int(flow.get("encode_batch_size", 256)))
@@ -579,19 +557,20 @@ class ScLDMModel:
         labels = train.obs[CONDITION].astype(str).to_numpy()
         tok = _token_matrix(labels, context.control_label, {g: i for i, g in enumerate(spec["vocab"])}, spec["max_perts"])
         cov = _covariate_matrix(train, spec["covariates"], spec["covariate_values"])
-        dit = build_dit(spec, context.seed + 1).to(device)
-        ema = None
-        if float(training.get("ema_decay") or 0) > 0:
-            ema = _EMA(dit, float(training["ema_decay"]), int(training.get("ema_update_every", 1)),
-                       int(training.get("ema_update_after_step", 0)))
-        loss_fn = _fm_loss_fn(dit, latents, tok, cov, flow, int(training["batch_size"]), int(context.seed), device, amp)
-        _train(checkpoint_dir, FM_TRAIN_STATE, DIT_WEIGHTS, dit, training, total, loss_fn, device, ema=ema)
+        dit = build_dit(spec, context.seed + 1)
+        optimizer = _optimizer(dit, training)
+        ema = _ema(dit, training)
+        task = _FlowTask(latents, tok, cov, flow, global_batch_size(training), int(context.seed))
+        result = trainer.fit(dit, optimizer, task, scheduler=_schedule(optimizer, training, total), ema=ema)
+        if trainer.is_main:  # sampling weights: the EMA shadow when the preset has EMA
+            _save_weights(checkpoint_dir / DIT_WEIGHTS, result.ema if result.ema is not None else dit.state_dict())
+        trainer.close()
 
     def sample(self, checkpoint_dir, conditions: list[str], control: ad.AnnData, n_cells: int, context: ModelContext,
                params: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict[str, np.ndarray]:
         _threads(params)
         checkpoint_dir = Path(checkpoint_dir)
-        device = _device(_get(params, "flow.training", {}) or {})
+        device = resolve_device(str(_get(params, "flow.training.device", "auto") or "auto"), current_world())
         ae, ae_spec = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
         dit, spec = load_dit(checkpoint_dir, device)
         steps = int(sampling.get("steps", 100))
