@@ -15,6 +15,7 @@ from perturb_repro.models import perturbench_baselines as pb
 from perturb_repro.models.base import ModelContext, get_model
 from perturb_repro.models.biolord import Biolord
 from perturb_repro.models.cpa import CPA
+import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 
 MODELS = {"cpa": CPA, "biolord": Biolord}
@@ -282,7 +283,7 @@ def test_preempted_run_resumes_bit_identically(kind, preset, synthetic, tmp_path
     MODELS[kind]().fit(train, val, CONTEXT, params, full)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pb, "StopFlag", lambda: SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
+        patch.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
         with pytest.raises(Preempted):
             MODELS[kind]().fit(train, val, CONTEXT, params, resumed)
     assert json.loads((resumed / pb.STATE_MARKER).read_text())["step"] == 18

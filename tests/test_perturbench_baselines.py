@@ -12,6 +12,7 @@ import torch
 from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import perturbench_baselines as pb
 from perturb_repro.models.base import ModelContext
+import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 from fakes import SignalAfter
 
@@ -163,7 +164,7 @@ def test_preempted_run_resumes_bit_identically(kind, synthetic, tmp_path, monkey
     MODELS[kind]().fit(train, val, CONTEXT, params, full)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pb, "StopFlag", lambda: SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
+        patch.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(17))  # SIGTERM in the second epoch, off the cadence
         with pytest.raises(Preempted):
             MODELS[kind]().fit(train, val, CONTEXT, params, resumed)
     assert json.loads((resumed / pb.STATE_MARKER).read_text())["step"] == 18  # saved where it stopped

@@ -14,6 +14,7 @@ from fakes import SignalAfter
 from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import sams_vae as sv
 from perturb_repro.models.base import MODEL_REGISTRY, ModelContext, get_model
+import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 
 
@@ -297,7 +298,7 @@ def test_preempted_run_resumes_bit_identically(preset, synthetic, tmp_path, monk
     sv.SAMSVAE().fit(train, val, CONTEXT, params, full)
 
     with monkeypatch.context() as patch:
-        patch.setattr(sv, "StopFlag", lambda: SignalAfter(13))  # SIGTERM in the second epoch, off the cadence
+        patch.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(13))  # SIGTERM in the second epoch, off the cadence
         with pytest.raises(Preempted):
             sv.SAMSVAE().fit(train, val, CONTEXT, params, resumed)
     assert json.loads((resumed / sv.STATE_MARKER).read_text())["step"] == 14

@@ -78,8 +78,13 @@ class BiolordNet(nn.Module):
         return self._forward(control, pert, cov)[0]
 
     def loss(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor, batch_idx: int,
-             training: bool) -> dict[str, torch.Tensor]:
+             training: bool, batch_cells: int | None = None) -> dict[str, torch.Tensor]:
+        """``batch_cells``: the global batch when ``x`` is one data-parallel process's share of it. The
+        penalty is a *sum* over the batch, so a share's sum is scaled to the batch (the trainer averages the
+        processes' losses, each weighted by its share)."""
         pred, penalty = self._forward(x, pert, cov)
+        if batch_cells is not None and batch_cells != len(x):
+            penalty = penalty * (batch_cells / len(x))
         recon = F.mse_loss(pred, x, reduction="none").sum(dim=1).mean()
         total = recon + self.penalty_weight * penalty if training else recon
         return {"loss": total, "recon": recon, "penalty": penalty}

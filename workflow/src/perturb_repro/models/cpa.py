@@ -51,7 +51,7 @@ accuracies PerturBench logs are not computed; the penalty is not computed on bat
 it (it never enters their gradient). (4) The input-encoding deviations of
 ``perturbench_baselines`` (genes never perturbed in train contribute nothing; unseen covariate
 values encode as zeros). (5) Lightning's global RNG is replaced by generators seeded by
-(seed, step), so training resumes bit-identically on CPU.
+(seed, step) (the shared trainer's), so training resumes bit-identically on CPU.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.pca import dense
 from ..data.source import IS_CONTROL
 from . import perturbench_baselines as pb
 
@@ -201,7 +200,9 @@ class CPANet(nn.Module):
         return F.softplus(mean) if self.softplus_output else mean
 
     def loss(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor, batch_idx: int,
-             training: bool) -> dict[str, torch.Tensor]:
+             training: bool, batch_cells: int | None = None) -> dict[str, torch.Tensor]:
+        """Every term is a mean over the cells, so ``batch_cells`` (the global batch of a data-parallel
+        share) changes nothing."""
         inf = self.inference(x, pert, cov)
         mean, var = self.decoder(inf["z"])
         if self.softplus_output:
@@ -250,32 +251,14 @@ def upstream_parameter_count(net: CPANet, n_perts: int, cfg: Mapping[str, Any]) 
 # --------------------------------------------------------------------------- cells and trainer
 
 
-class _CellSet:
-    """Cells that are their own targets (autoencoder training): expression, perturbation, covariates."""
-
-    def __init__(self, x, pert: np.ndarray, cov: np.ndarray) -> None:
-        self.x = x
-        self.pert = torch.from_numpy(pert)
-        self.cov = torch.from_numpy(cov)
-
-    def __len__(self) -> int:
-        return self.pert.shape[0]
-
-    def batch(self, rows: torch.Tensor, gen: torch.Generator, device: torch.device, with_control: bool = False):
-        x = torch.from_numpy(dense(self.x[rows.numpy()]))
-        return x.to(device), torch.empty(0), self.pert[rows].to(device), self.cov[rows].to(device)
-
-
-def _cells(adata: ad.AnnData, encoder: pb.InputEncoder) -> _CellSet:
-    from ..data.source import CONDITION
-
-    return _CellSet(pb._matrix(adata.X), encoder.perturbation(adata.obs[CONDITION].astype(str).tolist()),
-                    encoder.covariate(adata.obs))
+_CellSet, _cells = pb._CellSet, pb._cells  # cells that are their own targets
 
 
 class _SelfReconstructionModel(pb._PerturBenchModel):
     """PerturBench models trained on cells reconstructing themselves (CPA, Biolord): the trainer of
-    ``perturbench_baselines`` with the model's own cell set and loss (``net.loss``)."""
+    ``perturbench_baselines`` with the model's own cell set and loss (``net.loss``). The networks have
+    LayerNorm, no BatchNorm, so under data parallel a process's share of a batch is normalised as it would be
+    in one process."""
 
     def _prepare(self, train: ad.AnnData, val: ad.AnnData | None, params, control_label: str):
         add_controls = bool(params.get("data", {}).get("add_controls", True))
@@ -296,22 +279,13 @@ class _SelfReconstructionModel(pb._PerturBenchModel):
     def _build(self, encoder: pb.InputEncoder, n_genes: int, params: Mapping[str, Any]) -> nn.Module:
         return self.build_net(n_genes, encoder.n_perts, {k: len(v) for k, v in encoder.covariates.items()}, params)
 
-    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int) -> torch.Tensor:
+    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int, batch_cells: int) -> torch.Tensor:
         x, _, pert, cov = batch
-        return net.loss(x, pert, cov, index_in_epoch, training=True)["loss"]
+        return net.loss(x, pert, cov, index_in_epoch, training=True, batch_cells=batch_cells)["loss"]
 
-    def _val_loss(self, net: nn.Module, val: _CellSet, bs: int, seed: int, epoch: int, device) -> float:
-        """Unweighted mean over batches of the model's validation loss, in eval mode."""
-        net.eval()
-        gen = torch.Generator().manual_seed(pb._seed(seed, pb.STREAM_VAL, epoch))
-        losses = []
-        with torch.no_grad():
-            for k, start in enumerate(range(0, len(val), bs)):
-                x, _, pert, cov = val.batch(torch.arange(start, min(start + bs, len(val))), gen, device)
-                with pb._ForkedRNG(pb._seed(seed, pb.STREAM_VAL, epoch, start), device):
-                    losses.append(float(net.loss(x, pert, cov, k, training=False)["loss"]))
-        net.train()
-        return float(np.mean(losses))
+    def _eval_loss(self, net: nn.Module, batch, index: int) -> torch.Tensor:
+        x, _, pert, cov = batch
+        return net.loss(x, pert, cov, index, training=False)["loss"]
 
 
 class CPA(_SelfReconstructionModel):

@@ -35,16 +35,19 @@ paper's trainer uses 16-bit mixed precision on a GPU). Validation cells are pair
 validation split's own controls where it has them for their covariate group, else with train
 controls (GEARS splits put every control in train). Randomness (epoch order, control pairing,
 dropout) is drawn from generators seeded by (seed, epoch/step), so a run resumed from a
-checkpoint is bit-identical on CPU to an uninterrupted one.
+checkpoint is bit-identical on CPU to an uninterrupted one. Training runs through the shared trainer
+(``perturb_repro.trainer``): the epoch loop is ``_EpochTask``; device, precision, data parallel,
+checkpoints and resume are the trainer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -57,12 +60,12 @@ import torch.nn.functional as F
 from ..data.conditions import genes_of
 from ..data.pca import dense
 from ..data.source import CONDITION, IS_CONTROL
+from ..distributed import current_world
 from ..io import atomic_path, write_csv, write_text
-from ..training import Preempted, StopFlag, TrainLog
+from ..trainer import STATE_FILE, Shard, Trainer, TrainerConfig, TrainTask, resolve_device, step_seed
 from .base import ModelContext
 
-STATE_FILE = "state.pt"
-STATE_MARKER = "state.json"
+STATE_MARKER = Path(STATE_FILE).with_suffix(".json").name  # the shared trainer's resume point
 MODEL_FILE = "model.pt"
 VAL_LOG = "val_log.csv"
 PREDICT_CHUNK = 4096
@@ -248,38 +251,37 @@ class DecoderOnlyNet(nn.Module):
 # --------------------------------------------------------------------------- helpers
 
 
-def _seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (seed, stream, counter): stable across runs and machines."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
+_seed = step_seed  # 63-bit seed from integer keys (seed, stream, counter): stable across runs and machines
 
 STREAM_EPOCH, STREAM_STEP, STREAM_VAL, STREAM_INIT, STREAM_PREDICT = 1, 2, 3, 4, 5
 
 
-def _device(training: Mapping[str, Any]) -> torch.device:
-    want = str(training.get("device", "cpu"))
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
+def training_device(params: Mapping[str, Any]) -> str:
+    """The preset's ``training.device`` (auto | cpu | cuda), read alike by fit and sample."""
+    return str((params.get("training") or {}).get("device", "auto"))
 
 
-class _ForkedRNG:
-    """Global torch RNG seeded for one block (dropout, Bernoulli masks) and restored afterwards."""
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Global torch RNG seeded for one block outside the trainer's steps (initialisation, validation,
+    prediction) and restored afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also probes every backend: slow
+        if devices:
+            torch.cuda.manual_seed(seed)
+        yield
 
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.seed = seed
-        self.devices = [device.index or 0] if device.type == "cuda" else []
 
-    def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=self.devices)
-        self._fork.__enter__()
-        torch.default_generator.manual_seed(self.seed)  # torch.manual_seed also probes every backend: slow
-        if self.devices:
-            torch.cuda.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
+def _share(n: int, shard: Shard) -> tuple[slice, float]:
+    """This process's rows of a global batch of ``n`` (``Shard.take``'s split) and the weight that makes the
+    average over processes of their mean losses the global batch's mean loss. An epoch's last, smaller batch
+    may not split evenly; its shares then differ by one row and are weighted by size."""
+    if n % shard.world == 0:
+        lo, hi = shard.bounds(n)
+    else:
+        lo, hi = shard.rank * n // shard.world, (shard.rank + 1) * n // shard.world
+    return slice(lo, hi), (hi - lo) * shard.world / n
 
 
 class _PairedCells:
@@ -298,18 +300,44 @@ class _PairedCells:
     def __len__(self) -> int:
         return self.pert.shape[0]
 
-    def batch(self, rows: torch.Tensor, gen: torch.Generator, device: torch.device, with_control: bool = True):
-        """Targets, paired controls (one random control of the same covariate group per cell), inputs.
+    def batch(self, rows: torch.Tensor, gen: torch.Generator, device: torch.device, with_control: bool = True,
+              part: slice = slice(None)):
+        """Targets, paired controls (one random control of the same covariate group per cell), inputs of the
+        rows ``part`` of the batch ``rows``.
 
-        The control draw happens even when the network ignores controls, so every model consumes
-        its step generator alike."""
+        The control draw is made for the whole batch (so a process's share is what one process would pair)
+        and happens even when the network ignores controls, so every model consumes its step generator alike."""
         u = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+        rows, u = rows[part], u[part]
         pick = self.pool_offsets[rows] + torch.clamp((u * self.pool_sizes[rows]).long(), max=self.pool_sizes[rows] - 1)
         ctrl_rows = self.pool_flat[pick].numpy()
         r = rows.numpy()
         target = torch.from_numpy(dense(self.x[r]))
         control = torch.from_numpy(dense(self.controls[ctrl_rows])) if with_control else torch.empty(0)
         return (target.to(device), control.to(device), self.pert[rows].to(device), self.cov[rows].to(device))
+
+
+class _CellSet:
+    """Cells that are their own targets (autoencoder training): expression, perturbation, covariates."""
+
+    def __init__(self, x, pert: np.ndarray, cov: np.ndarray) -> None:
+        self.x = x
+        self.pert = torch.from_numpy(pert)
+        self.cov = torch.from_numpy(cov)
+
+    def __len__(self) -> int:
+        return self.pert.shape[0]
+
+    def batch(self, rows: torch.Tensor, gen: torch.Generator, device: torch.device, with_control: bool = False,
+              part: slice = slice(None)):
+        rows = rows[part]
+        x = torch.from_numpy(dense(self.x[rows.numpy()]))
+        return x.to(device), torch.empty(0), self.pert[rows].to(device), self.cov[rows].to(device)
+
+
+def _cells(adata: ad.AnnData, encoder: InputEncoder) -> _CellSet:
+    return _CellSet(_matrix(adata.X), encoder.perturbation(adata.obs[CONDITION].astype(str).tolist()),
+                    encoder.covariate(adata.obs))
 
 
 def _matrix(x):
@@ -363,11 +391,136 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-# --------------------------------------------------------------------------- shared trainer
+# --------------------------------------------------------------------------- training on the shared trainer
+
+
+class _Objective(nn.Module):
+    """The network with its training loss as ``forward``: DDP synchronises the gradients of what runs
+    through the wrapped module's forward, and the models' losses are methods of their networks."""
+
+    def __init__(self, net: nn.Module, loss) -> None:
+        super().__init__()
+        self.net = net
+        self._loss = loss
+
+    def forward(self, batch, index_in_epoch: int, batch_cells: int) -> torch.Tensor:
+        return self._loss(self.net, batch, index_in_epoch, batch_cells)
+
+
+class _EpochTask(TrainTask):
+    """PerturBench's Lightning epoch loop as a task of the shared trainer.
+
+    Update ``step`` is batch ``step % steps_per_epoch`` of epoch ``step // steps_per_epoch``, whose cell
+    order is a permutation seeded by (seed, epoch); an epoch's last batch is the remainder (no drop_last).
+    At an epoch's end, in Lightning's order: validation, ReduceLROnPlateau, best-weights checkpoint, early
+    stopping (honouring ``min_epochs``) and ``max_epochs``. Those counters and the validation history are the
+    task's state, so the trainer's checkpoint resumes them.
+
+    Data parallel: each process computes the loss of its share of the global batch (the control pairing is
+    drawn for the whole batch first) and validates on all validation cells with the same seeds; rank 0's
+    validation loss is used on every process so all of them stop at the same epoch. The networks here have
+    no BatchNorm (LayerNorm normalises each row), so a share's loss does not depend on the other shares;
+    dropout masks and sampled latents are drawn per process, so N processes match one process in
+    distribution, not bit for bit."""
+
+    def __init__(self, model: "_PerturBenchModel", net: nn.Module, data, val_data, hp: Mapping[str, Any], seed: int,
+                 plateau, out_dir: Path, device: torch.device, world) -> None:
+        self.model, self.net, self.data, self.val_data = model, net, data, val_data
+        self.hp, self.seed, self.plateau, self.out_dir, self.device = hp, seed, plateau, out_dir, device
+        self.is_main = world.is_main
+        self.n, self.bs = len(data), hp["batch_size"]
+        self.steps_per_epoch = math.ceil(self.n / self.bs)
+        last = self.n - (self.steps_per_epoch - 1) * self.bs
+        if last < world.size:
+            raise ValueError(f"the last batch of an epoch has {last} cells, fewer than the {world.size} processes: "
+                             "change data.batch_size or the number of processes")
+        self._order: tuple[int, torch.Tensor] | None = None
+        self.st: dict[str, Any] = {
+            "epoch": 0, "es_best": math.inf, "es_wait": 0,
+            "best_val": math.inf, "best_epoch": -1, "best_weights": None, "val_history": [],
+        }
+
+    def _rows(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, STREAM_EPOCH, epoch))
+            self._order = (epoch, torch.randperm(self.n, generator=gen))
+        return self._order[1]
+
+    def loss(self, module: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        rows = self._rows(epoch)[k * self.bs:(k + 1) * self.bs]
+        part, weight = _share(len(rows), shard)
+        gen = torch.Generator().manual_seed(_seed(self.seed, STREAM_STEP, step))
+        batch = self.data.batch(rows, gen, shard.device, self.net.uses_control, part)
+        loss = module(batch, k, len(rows))
+        return loss if weight == 1.0 else loss * weight
+
+    def after_step(self, module: nn.Module, steps_done: int) -> bool:
+        if steps_done % self.steps_per_epoch:
+            return False
+        self._end_epoch(steps_done)
+        if self.is_main:
+            frame = pd.DataFrame(self.st["val_history"], columns=["epoch", "step", "val_loss", "lr"])
+            write_csv(frame, self.out_dir / VAL_LOG, index=False)
+        return self.st["epoch"] >= self.hp["max_epochs"] or (
+            self.st["es_wait"] >= self.hp["patience"] and self.st["epoch"] >= self.hp["min_epochs"])
+
+    @torch.no_grad()
+    def _val_loss(self, epoch: int) -> float:
+        """Unweighted mean of per-batch losses (PerturBench logs val_loss with a constant batch_size)."""
+        net, val, bs = self.net, self.val_data, self.bs
+        net.eval()
+        gen = torch.Generator().manual_seed(_seed(self.seed, STREAM_VAL, epoch))
+        losses = []
+        for k, start in enumerate(range(0, len(val), bs)):
+            batch = val.batch(torch.arange(start, min(start + bs, len(val))), gen, self.device, net.uses_control)
+            with _seeded(_seed(self.seed, STREAM_VAL, epoch, start), self.device):
+                losses.append(float(self.model._eval_loss(net, batch, k)))
+        net.train()
+        return _from_rank0(float(np.mean(losses)), self.device)
+
+    def _end_epoch(self, step: int) -> None:
+        st, hp = self.st, self.hp
+        epoch = st["epoch"]
+        if self.val_data is not None:
+            val = self._val_loss(epoch)
+            if val < st["best_val"]:  # ModelCheckpoint(monitor=val_loss, mode=min, save_top_k=1)
+                st["best_val"], st["best_epoch"] = val, epoch
+                st["best_weights"] = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+            # EarlyStopping(monitor=val_loss, mode=min): strict improvement by min_delta
+            if not math.isfinite(val):
+                st["es_wait"] = hp["patience"]
+            elif val < st["es_best"] - hp["min_delta"]:
+                st["es_best"], st["es_wait"] = val, 0
+            else:
+                st["es_wait"] += 1
+            if (epoch + 1) % hp["sched_freq"] == 0:
+                self.plateau.step(val)
+            st["val_history"].append({"epoch": epoch, "step": step, "val_loss": val,
+                                      "lr": self.plateau.optimizer.param_groups[0]["lr"]})
+        st["epoch"] = epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.st
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.st = dict(state)
+
+
+def _from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's value on every process of a data-parallel job (one decision to stop, not one per GPU)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
 
 
 class _PerturBenchModel:
-    """fit/sample shared by the three models; subclasses name their network."""
+    """fit/sample shared by the PerturBench models; subclasses name their network and, through the hooks
+    below, their cell sets and losses (cpa.py, biolord.py, sams_vae.py)."""
 
     NET: type[nn.Module]
     KIND: str
@@ -382,13 +535,12 @@ class _PerturBenchModel:
         model = params.get("model", {})
         trainer = params.get("trainer", {})
         stop = params.get("early_stopping", {})
-        training = params.get("training", {})
         interval = model.get("lr_scheduler_interval", "epoch")
         if interval != "epoch":
             raise NotImplementedError("only lr_scheduler_interval 'epoch' (PerturBench's default) is implemented")
         if stop.get("monitor", "val_loss") != "val_loss":
             raise NotImplementedError("early stopping monitors val_loss only (configs/callbacks/early_stopping.yaml)")
-        return {
+        hp = {
             # PerturbationModel.__init__ defaults when the config leaves them unset
             "lr": float(model.get("lr") if model.get("lr") is not None else 1e-3),
             "wd": float(model.get("wd") if model.get("wd") is not None else 1e-5),
@@ -400,17 +552,28 @@ class _PerturBenchModel:
             "max_epochs": int(trainer.get("max_epochs", 10)),
             "patience": int(stop.get("patience", 50)),
             "min_delta": float(stop.get("min_delta", 0.0)),
-            "checkpoint_every": int(training.get("checkpoint_every") or 0),
-            "device": _device(training),
         }
+        if hp["max_epochs"] < 1:
+            raise ValueError("trainer.max_epochs must be >= 1")
+        return hp
+
+    @staticmethod
+    def trainer_config(params: Mapping[str, Any], seed: int) -> TrainerConfig:
+        """The preset's ``training`` keys as the shared trainer's settings; the task decides when to stop."""
+        training = params.get("training") or {}
+        return TrainerConfig(
+            total_steps=None, seed=seed, checkpoint_every=int(training.get("checkpoint_every") or 0),
+            precision=str(training.get("precision") or "fp32"), device=training_device(params),
+            progress=bool(training.get("progress", True)),
+        )
 
     def _build(self, encoder: InputEncoder, n_genes: int, params: Mapping[str, Any]) -> nn.Module:
         return self.build_net(n_genes, encoder.n_perts, encoder.n_covariates, params)
 
-    # -- hooks for models trained on other cell sets or losses (cpa.py, biolord.py)
+    # -- hooks for models trained on other cell sets or losses (cpa.py, biolord.py, sams_vae.py)
 
     def _prepare(self, train: ad.AnnData, val: ad.AnnData | None, params, control_label: str):
-        """Input encoder, train pairs and validation pairs (None without perturbed validation cells)."""
+        """Input encoder, train cells and validation cells (None without perturbed validation cells)."""
         perturbed_mask = ~train.obs[IS_CONTROL].to_numpy(dtype=bool)
         encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], control_label)
         train_ctrl = _controls_of(train)
@@ -418,10 +581,19 @@ class _PerturBenchModel:
         val_data = _paired(val, _controls_of(val), encoder, fallback=train_ctrl) if _has_perturbed(val) else None
         return encoder, data, val_data
 
-    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int) -> torch.Tensor:
-        """Loss of one training batch (``index_in_epoch`` is Lightning's ``batch_idx``)."""
+    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int, batch_cells: int) -> torch.Tensor:
+        """Mean loss of (this process's share of) one training batch of ``batch_cells`` cells
+        (``index_in_epoch`` is Lightning's ``batch_idx``)."""
         target, control, pert, cov = batch
         return F.mse_loss(net(control, pert, cov), target)
+
+    def _eval_loss(self, net: nn.Module, batch, index: int) -> torch.Tensor:
+        """Validation loss of one batch (eval mode, no gradients): by default the training loss."""
+        return self._train_loss(net, batch, index, len(batch[0]))
+
+    def _fit_info(self, net: nn.Module, params) -> dict[str, Any]:
+        """Model-specific entries of fit.json."""
+        return {}
 
     # -- fit
 
@@ -429,138 +601,38 @@ class _PerturBenchModel:
         checkpoint_dir = Path(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         hp = self._hparams(params)
-        device = hp["device"]
         seed = int(context.seed)
-        control_label = context.control_label
-
-        encoder, data, val_data = self._prepare(train, val, params, control_label)
+        encoder, data, val_data = self._prepare(train, val, params, context.control_label)
+        if len(data) == 0:
+            raise ValueError(f"no training cells for {self.KIND}")
         n_genes = train.n_vars
+        trainer = Trainer(self.trainer_config(params, seed), checkpoint_dir, kind=self.KIND,
+                          fingerprint={"encoder": encoder.to_dict(), "n_genes": n_genes, "params": params})
 
-        with _ForkedRNG(_seed(seed, STREAM_INIT, 0), device):
-            net = self._build(encoder, n_genes, params).to(device)
+        with _seeded(_seed(seed, STREAM_INIT, 0), torch.device("cpu")):
+            net = self._build(encoder, n_genes, params)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["wd"])
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=hp["sched_factor"], patience=hp["sched_patience"])
-        st = {
-            "step": 0, "epoch": 0, "done": False,
-            "es_best": math.inf, "es_wait": 0,
-            "best_val": math.inf, "best_epoch": -1, "best_weights": None,
-            "val_history": [],
-        }
-        state_path = checkpoint_dir / STATE_FILE
-        if state_path.exists():
-            saved = torch.load(state_path, map_location="cpu", weights_only=True)
-            if saved["encoder"] != encoder.to_dict() or saved["n_genes"] != n_genes:
-                raise ValueError(f"{state_path} was written for other data; remove it to start over")
-            net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            st = saved["loop"]
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=hp["sched_factor"], patience=hp["sched_patience"])
+        task = _EpochTask(self, net, data, val_data, hp, seed, plateau, checkpoint_dir, trainer.device, trainer.world)
+        result = trainer.fit(_Objective(net, self._train_loss), opt, task, stateful={"plateau": plateau})
 
-        n = len(data)
-        bs = hp["batch_size"]
-        steps_per_epoch = math.ceil(n / bs)
-        every = hp["checkpoint_every"]
-
-        def save() -> None:
-            payload = {
-                "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "loop": st,
-                "encoder": encoder.to_dict(), "n_genes": n_genes,
-            }
-            with atomic_path(state_path) as tmp:
-                torch.save(payload, tmp)
-            write_text(json.dumps({"step": st["step"], "epoch": st["epoch"], "done": st["done"]}), checkpoint_dir / STATE_MARKER)
-
-        log = TrainLog(checkpoint_dir / "train_log.csv", st["step"])
-        try:
-            with StopFlag() as flag:
-                while not st["done"]:
-                    if st["epoch"] >= hp["max_epochs"]:
-                        st["done"] = True
-                        break
-                    epoch = st["epoch"]
-                    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, STREAM_EPOCH, epoch)))
-                    k = st["step"] - epoch * steps_per_epoch
-                    net.train()
-                    while k < steps_per_epoch:
-                        rows = order[k * bs:(k + 1) * bs]
-                        gen = torch.Generator().manual_seed(_seed(seed, STREAM_STEP, st["step"]))
-                        batch = data.batch(rows, gen, device, net.uses_control)
-                        with _ForkedRNG(_seed(seed, STREAM_STEP, st["step"]), device):
-                            loss = self._train_loss(net, batch, k)
-                            opt.zero_grad(set_to_none=True)
-                            loss.backward()
-                            opt.step()
-                        log.add(st["step"], float(loss.detach()))
-                        st["step"] += 1
-                        k += 1
-                        raised = flag.raised  # read once: a signal between two reads must not skip the save
-                        if raised or (every and st["step"] % every == 0):
-                            log.flush()
-                            save()
-                        if raised:
-                            raise Preempted(f"signal {raised} at step {st['step']}; state saved, rerun to resume")
-                    self._end_epoch(net, sched, st, hp, val_data, seed, device)
-                    self._write_val_log(checkpoint_dir, st)
-                log.flush()
-                save()
-        finally:
-            log.close()
-
-        weights = st["best_weights"] if st["best_weights"] is not None else net.state_dict()
-        with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
-            torch.save({"kind": self.KIND, "params": copy.deepcopy(dict(params)), "encoder": encoder.to_dict(),
-                        "n_genes": n_genes, "var_names": list(map(str, train.var_names)), "weights": weights}, tmp)
-        write_text(json.dumps({
-            "model": self.KIND, "steps": st["step"], "epochs": st["epoch"], "best_epoch": st["best_epoch"],
-            "best_val_loss": None if math.isinf(st["best_val"]) else st["best_val"],
-            "weights": "best validation epoch" if st["best_weights"] is not None else "last step (no validation cells)",
-            "n_perts": encoder.n_perts, "n_covariates": encoder.n_covariates,
-            "n_parameters": count_parameters(net), "train_cells": n, "steps_per_epoch": steps_per_epoch,
-        }, indent=2), checkpoint_dir / "fit.json")
-
-    @staticmethod
-    @torch.no_grad()
-    def _val_loss(net: nn.Module, val: _PairedCells, bs: int, seed: int, epoch: int, device) -> float:
-        """Unweighted mean of per-batch MSE (PerturBench logs val_loss with a constant batch_size)."""
-        net.eval()
-        gen = torch.Generator().manual_seed(_seed(seed, STREAM_VAL, epoch))
-        losses = []
-        for start in range(0, len(val), bs):
-            rows = torch.arange(start, min(start + bs, len(val)))
-            target, control, pert, cov = val.batch(rows, gen, device, net.uses_control)
-            with _ForkedRNG(_seed(seed, STREAM_VAL, epoch, start), device):
-                losses.append(float(F.mse_loss(net(control, pert, cov), target)))
-        net.train()
-        return float(np.mean(losses))
-
-    def _end_epoch(self, net, sched, st, hp, val_data, seed, device) -> None:
-        """Validation, LR schedule, best-weights checkpoint and early stopping, as Lightning orders them."""
-        epoch = st["epoch"]
-        if val_data is not None:
-            val = self._val_loss(net, val_data, hp["batch_size"], seed, epoch, device)
-            improved = val < st["best_val"]
-            if improved:  # ModelCheckpoint(monitor=val_loss, mode=min, save_top_k=1)
-                st["best_val"], st["best_epoch"] = val, epoch
-                st["best_weights"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            # EarlyStopping(monitor=val_loss, mode=min): strict improvement by min_delta
-            if not math.isfinite(val):
-                st["es_wait"] = hp["patience"]
-            elif val < st["es_best"] - hp["min_delta"]:
-                st["es_best"], st["es_wait"] = val, 0
-            else:
-                st["es_wait"] += 1
-            if (epoch + 1) % hp["sched_freq"] == 0:
-                sched.step(val)
-            st["val_history"].append({"epoch": epoch, "step": st["step"], "val_loss": val,
-                                      "lr": sched.optimizer.param_groups[0]["lr"]})
-        st["epoch"] = epoch + 1
-        if st["es_wait"] >= hp["patience"] and st["epoch"] >= hp["min_epochs"]:
-            st["done"] = True
-
-    @staticmethod
-    def _write_val_log(checkpoint_dir: Path, st) -> None:
-        frame = pd.DataFrame(st["val_history"], columns=["epoch", "step", "val_loss", "lr"])
-        write_csv(frame, checkpoint_dir / VAL_LOG, index=False)
+        st = task.st
+        if trainer.is_main:
+            weights = st["best_weights"] if st["best_weights"] is not None else net.state_dict()
+            weights = {k: v.detach().cpu() for k, v in weights.items()}
+            with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
+                torch.save({"kind": self.KIND, "params": copy.deepcopy(dict(params)), "encoder": encoder.to_dict(),
+                            "n_genes": n_genes, "var_names": list(map(str, train.var_names)), "weights": weights}, tmp)
+            write_text(json.dumps({
+                "model": self.KIND, **self._fit_info(net, params),
+                "steps": result.steps, "epochs": st["epoch"], "best_epoch": st["best_epoch"],
+                "best_val_loss": None if math.isinf(st["best_val"]) else st["best_val"],
+                "weights": "best validation epoch" if st["best_weights"] is not None else "last step (no validation cells)",
+                "n_perts": encoder.n_perts, "n_covariates": encoder.n_covariates,
+                "n_parameters": count_parameters(net), "train_cells": len(data),
+                "steps_per_epoch": task.steps_per_epoch,
+            }, indent=2), checkpoint_dir / "fit.json")
+        trainer.close()
 
     # -- sample
 
@@ -590,16 +662,17 @@ class _PerturBenchModel:
         seed = int(sampling.get("seed", 0))
         rng = np.random.default_rng(seed)
         pick = rng.choice(ctrl.n_obs, size=n_cells, replace=n_cells > ctrl.n_obs)
-        x = torch.from_numpy(dense(ctrl.X[pick]))
-        cov = torch.from_numpy(encoder.covariate(ctrl.obs.iloc[pick]))
-        device = torch.device("cpu")
+        device = resolve_device(training_device(params), current_world())
+        net.to(device)
+        x = torch.from_numpy(dense(ctrl.X[pick])).to(device)
+        cov = torch.from_numpy(encoder.covariate(ctrl.obs.iloc[pick])).to(device)
         out: dict[str, np.ndarray] = {}
-        with torch.no_grad(), _ForkedRNG(_seed(seed, STREAM_PREDICT, 0), device):
+        with torch.no_grad(), _seeded(_seed(seed, STREAM_PREDICT, 0), device):
             for condition in conditions:
-                pert = torch.from_numpy(encoder.perturbation([condition])).expand(n_cells, -1)
+                pert = torch.from_numpy(encoder.perturbation([condition])).to(device).expand(n_cells, -1)
                 rows = [net(x[s:s + PREDICT_CHUNK], pert[s:s + PREDICT_CHUNK], cov[s:s + PREDICT_CHUNK])
                         for s in range(0, n_cells, PREDICT_CHUNK)]
-                y = torch.cat(rows).numpy()
+                y = torch.cat(rows).cpu().numpy()
                 out[condition] = np.clip(y, 0.0, None).astype(np.float32)  # log-expression cannot be negative
         if list(map(str, control.var_names)) != saved["var_names"]:
             order = pd.Index(saved["var_names"]).get_indexer(list(map(str, control.var_names)))

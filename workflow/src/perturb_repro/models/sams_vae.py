@@ -37,7 +37,7 @@ Written from PerturBench's definitions (altoslabs/perturbench, commit d357dfa, p
   of the split, controls included with an all-zero perturbation vector.
 * optimisation (``modelcore/models/base.py``, ``configs/``): Adam(lr, weight_decay=wd),
   ReduceLROnPlateau on val_loss per epoch, early stopping on val_loss, best-validation-epoch
-  weights -- the machinery of ``perturbench_baselines.py``, reused here.
+  weights -- the epoch loop of ``perturbench_baselines.py`` on the shared trainer, reused here.
 * prediction (``PerturbationModel.predict_step`` with ``data/datasets/population.py:
   Counterfactual``): ``SparseAdditiveVAE.predict`` runs the same forward pass on a sampled
   *control* cell with the *test* condition's perturbation vector: mask and embedding of the
@@ -75,38 +75,25 @@ instead, so at a sparse prior the (S) model tends to turn its masks off and pred
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import anndata as ad
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.pca import dense
 from ..data.source import CONDITION, IS_CONTROL
-from ..io import atomic_path, write_text
-from ..training import Preempted, StopFlag, TrainLog
-from .base import ModelContext
-from .perturbench_baselines import (
+from .perturbench_baselines import (  # noqa: F401 -- MODEL_FILE, STATE_*, count_parameters: read from here too
     MLP,
     MODEL_FILE,
     STATE_FILE,
     STATE_MARKER,
-    STREAM_EPOCH,
-    STREAM_INIT,
-    STREAM_STEP,
-    STREAM_VAL,
     InputEncoder,
-    _ForkedRNG,
+    _CellSet,
     _matrix,
     _PerturBenchModel,
-    _seed,
     count_parameters,
 )
 
@@ -287,29 +274,25 @@ class SAMSVAENet(nn.Module):
 # --------------------------------------------------------------------------- cells
 
 
-class _Cells:
+class _Cells(_CellSet):
     """The cells a SAMS-VAE is trained on (its own targets; no paired controls)."""
 
     def __init__(self, adata: ad.AnnData, encoder: InputEncoder, add_controls: bool):
         if add_controls:  # SingleCellPerturbationWithControls: perturbed cells are the samples
             adata = adata[~adata.obs[IS_CONTROL].to_numpy(dtype=bool)]
-        self.x = _matrix(adata.X)
-        self.pert = torch.from_numpy(encoder.perturbation(adata.obs[CONDITION].astype(str).tolist()))
-        self.cov = torch.from_numpy(encoder.covariate(adata.obs))
-
-    def __len__(self) -> int:
-        return self.pert.shape[0]
-
-    def batch(self, rows: torch.Tensor, device: torch.device):
-        x = torch.from_numpy(dense(self.x[rows.numpy()]))
-        return x.to(device), self.pert[rows].to(device), self.cov[rows].to(device)
+        super().__init__(_matrix(adata.X), encoder.perturbation(adata.obs[CONDITION].astype(str).tolist()),
+                         encoder.covariate(adata.obs))
 
 
 # --------------------------------------------------------------------------- model
 
 
 class SAMSVAE(_PerturBenchModel):
-    """PerturBench ``SparseAdditiveVAE``; ``model.sparse_additive_mechanism`` selects SAMS-VAE (S)."""
+    """PerturBench ``SparseAdditiveVAE``; ``model.sparse_additive_mechanism`` selects SAMS-VAE (S).
+
+    Trained by the PerturBench epoch loop of ``perturbench_baselines`` (on the shared trainer); only the cell
+    set and the loss are its own. The network has no BatchNorm, so under data parallel a process's share
+    of a batch is encoded as in one process (its reparameterisation noise and masks are drawn per process)."""
 
     NET = SAMSVAENet
     KIND = "sams_vae"
@@ -318,119 +301,23 @@ class SAMSVAE(_PerturBenchModel):
     def _add_controls(params: Mapping[str, Any]) -> bool:
         return bool(params.get("data", {}).get("add_controls", True))  # configs/data/*.yaml default
 
-    def fit(self, train: ad.AnnData, val: ad.AnnData | None, context: ModelContext, params, checkpoint_dir: Path) -> None:
-        checkpoint_dir = Path(checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        hp = self._hparams(params)
-        device = hp["device"]
-        seed = int(context.seed)
+    def _prepare(self, train: ad.AnnData, val: ad.AnnData | None, params, control_label: str):
         add_controls = self._add_controls(params)
-
         perturbed_mask = ~train.obs[IS_CONTROL].to_numpy(dtype=bool)
-        encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], context.control_label)
+        encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], control_label)
         data = _Cells(train, encoder, add_controls)
-        if len(data) == 0:
-            raise ValueError("no training cells for SAMS-VAE")
         val_data = _Cells(val, encoder, add_controls) if val is not None and val.n_obs else None
-        if val_data is not None and len(val_data) == 0:
-            val_data = None
-        n_genes = train.n_vars
+        return encoder, data, val_data if val_data is not None and len(val_data) else None
 
-        with _ForkedRNG(_seed(seed, STREAM_INIT, 0), device):
-            net = self.build_net(n_genes, encoder.n_perts, encoder.n_covariates, params).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["wd"])
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=hp["sched_factor"], patience=hp["sched_patience"])
-        st = {
-            "step": 0, "epoch": 0, "done": False,
-            "es_best": math.inf, "es_wait": 0,
-            "best_val": math.inf, "best_epoch": -1, "best_weights": None,
-            "val_history": [],
-        }
-        state_path = checkpoint_dir / STATE_FILE
-        if state_path.exists():
-            saved = torch.load(state_path, map_location="cpu", weights_only=True)
-            if saved["encoder"] != encoder.to_dict() or saved["n_genes"] != n_genes or saved.get("kind") != self.KIND:
-                raise ValueError(f"{state_path} was written for other data or another model; remove it to start over")
-            net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            st = saved["loop"]
+    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int, batch_cells: int) -> torch.Tensor:
+        """L1 + KL terms, batch means (a data-parallel share's mean needs no rescaling); also PerturBench's
+        val_loss, in eval mode (the inherited ``_eval_loss``)."""
+        x, _, pert, cov = batch
+        return net.loss_terms(x, pert, cov)["loss"]
 
-        n = len(data)
-        bs = hp["batch_size"]
-        steps_per_epoch = math.ceil(n / bs)
-        every = hp["checkpoint_every"]
-
-        def save() -> None:
-            payload = {
-                "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "loop": st,
-                "encoder": encoder.to_dict(), "n_genes": n_genes, "kind": self.KIND,
-            }
-            with atomic_path(state_path) as tmp:
-                torch.save(payload, tmp)
-            write_text(json.dumps({"step": st["step"], "epoch": st["epoch"], "done": st["done"]}), checkpoint_dir / STATE_MARKER)
-
-        log = TrainLog(checkpoint_dir / "train_log.csv", st["step"])
-        try:
-            with StopFlag() as flag:
-                while not st["done"]:
-                    if st["epoch"] >= hp["max_epochs"]:
-                        st["done"] = True
-                        break
-                    epoch = st["epoch"]
-                    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, STREAM_EPOCH, epoch)))
-                    k = st["step"] - epoch * steps_per_epoch
-                    net.train()
-                    while k < steps_per_epoch:
-                        x, pert, cov = data.batch(order[k * bs:(k + 1) * bs], device)
-                        with _ForkedRNG(_seed(seed, STREAM_STEP, st["step"]), device):
-                            loss = net.loss_terms(x, pert, cov)["loss"]
-                            opt.zero_grad(set_to_none=True)
-                            loss.backward()
-                            opt.step()
-                        log.add(st["step"], float(loss.detach()))
-                        st["step"] += 1
-                        k += 1
-                        raised = flag.raised  # read once: a signal between two reads must not skip the save
-                        if raised or (every and st["step"] % every == 0):
-                            log.flush()
-                            save()
-                        if raised:
-                            raise Preempted(f"signal {raised} at step {st['step']}; state saved, rerun to resume")
-                    self._end_epoch(net, sched, st, hp, val_data, seed, device)
-                    self._write_val_log(checkpoint_dir, st)
-                log.flush()
-                save()
-        finally:
-            log.close()
-
-        weights = st["best_weights"] if st["best_weights"] is not None else net.state_dict()
-        with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
-            torch.save({"kind": self.KIND, "params": copy.deepcopy(dict(params)), "encoder": encoder.to_dict(),
-                        "n_genes": n_genes, "var_names": list(map(str, train.var_names)), "weights": weights}, tmp)
-        write_text(json.dumps({
-            "model": self.KIND, "variant": "SAMS-VAE (S)" if net.sparse else "SAMS-VAE",
-            "sparse_additive_mechanism": net.sparse, "mean_field_encoding": net.mean_field,
-            "train_cells_include_controls": not add_controls,
-            "steps": st["step"], "epochs": st["epoch"], "best_epoch": st["best_epoch"],
-            "best_val_loss": None if math.isinf(st["best_val"]) else st["best_val"],
-            "weights": "best validation epoch" if st["best_weights"] is not None else "last step (no validation cells)",
-            "n_perts": encoder.n_perts, "n_covariates": encoder.n_covariates,
-            "n_parameters": count_parameters(net), "train_cells": n, "steps_per_epoch": steps_per_epoch,
-        }, indent=2), checkpoint_dir / "fit.json")
-
-    @staticmethod
-    @torch.no_grad()
-    def _val_loss(net: nn.Module, val: _Cells, bs: int, seed: int, epoch: int, device) -> float:
-        """PerturBench's val_loss (L1 + KL terms, eval mode), unweighted mean over batches."""
-        net.eval()
-        losses = []
-        for start in range(0, len(val), bs):
-            x, pert, cov = val.batch(torch.arange(start, min(start + bs, len(val))), device)
-            with _ForkedRNG(_seed(seed, STREAM_VAL, epoch, start), device):
-                losses.append(float(net.loss_terms(x, pert, cov)["loss"]))
-        net.train()
-        return float(np.mean(losses))
+    def _fit_info(self, net: nn.Module, params) -> dict[str, Any]:
+        return {"variant": "SAMS-VAE (S)" if net.sparse else "SAMS-VAE", "sparse_additive_mechanism": net.sparse,
+                "mean_field_encoding": net.mean_field, "train_cells_include_controls": not self._add_controls(params)}
 
     # sample(): inherited -- n_cells sampled control cells per condition, each run through forward()
     # with the condition's perturbation vector (PerturBench's Counterfactual + SparseAdditiveVAE.predict).
