@@ -16,6 +16,7 @@ from perturb_repro.models import _scgpt_loading as loading
 from perturb_repro.models import scgpt as sg
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
+import perturb_repro.trainer as trainer_mod
 from fakes import SignalAfter
 
 LAYOUT = Path(__file__).parent / "data" / "scgpt_whole_human_layout.json"
@@ -313,24 +314,66 @@ def _weights(path):
 
 
 
-def test_preempted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, trained, small, context):
-    train, val = small
-    with monkeypatch.context() as m:
-        # each step polls the flag twice; SIGTERM lands mid-epoch 1
-        m.setattr(sg, "StopFlag", lambda: SignalAfter(4))
-        with pytest.raises(Preempted):
-            sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
-    state = json.loads((tmp_path / sg.STATE_FILE).read_text())
-    assert state["global_step"] == 3 and state["epoch"] == 0  # saved where it stopped
-    sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
+def _assert_same_run(full: Path, resumed: Path) -> None:
     for name in (sg.LAST_FILE, sg.BEST_FILE):
-        a, b = _weights(trained / name), _weights(tmp_path / name)
+        a, b = _weights(full / name), _weights(resumed / name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
-    pd.testing.assert_frame_equal(pd.read_csv(trained / "train_log.csv"), pd.read_csv(tmp_path / "train_log.csv"))
-    full, resumed = pd.read_csv(trained / sg.EPOCH_LOG), pd.read_csv(tmp_path / sg.EPOCH_LOG)
-    pd.testing.assert_frame_equal(full.drop(columns="seconds"), resumed.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(pd.read_csv(full / "train_log.csv"), pd.read_csv(resumed / "train_log.csv"))
+    a, b = pd.read_csv(full / sg.EPOCH_LOG), pd.read_csv(resumed / sg.EPOCH_LOG)
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+    sa, sb = (json.loads((d / sg.STATS_FILE).read_text()) for d in (full, resumed))
+    for s in (sa, sb):
+        s.pop("wall_clock_seconds")
+    assert sa == sb
+
+
+def test_preempted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, trained, small, context):
+    train, val = small
+    steps_per_epoch = len(train) // 32
+    assert steps_per_epoch > 3
+    with monkeypatch.context() as m:
+        # the trainer polls the flag once per step; SIGTERM lands mid-epoch 1
+        m.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(2))
+        with pytest.raises(Preempted):
+            sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
+    state = json.loads((tmp_path / sg.STATE_FILE).read_text())
+    assert state == {"step": 3, "done": False} and 3 < steps_per_epoch  # saved where it stopped, mid-epoch 1
+    sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
+    _assert_same_run(trained, tmp_path)
+
+
+def test_resume_mid_epoch_2_keeps_best_weights_schedule_and_counters(tmp_path, monkeypatch, trained, small, context):
+    """Cut after epoch 1 validated (best weights, StepLR, early stopping and the history live in the task's
+    state) and mid-epoch 2 (a checkpoint written on the signal between two periodic ones): same run."""
+    train, val = small
+    steps_per_epoch = len(train) // 32
+    cut = steps_per_epoch + 2
+    assert cut % 3 and cut < 2 * steps_per_epoch  # not a periodic checkpoint, and mid-epoch
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "StopFlag", lambda: SignalAfter(cut - 1))
+        with pytest.raises(Preempted):
+            sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
+    assert json.loads((tmp_path / sg.STATE_FILE).read_text()) == {"step": cut, "done": False}
+    assert list(pd.read_csv(tmp_path / sg.EPOCH_LOG)["epoch"]) == [1]
+    sg.ScGPTModel().fit(train, val, context, _params(checkpoint_every=3), tmp_path)
+    _assert_same_run(trained, tmp_path)
+
+
+def test_paper_presets_train_in_fp16_and_cpu_stays_fp32(tmp_path, trained):
+    for preset in ("paper_replogle", "paper_replogle_esm2", "paper_norman"):
+        training = model_params({"type": "scgpt", "preset": preset})["training"]
+        config = sg.trainer_config(training, 0)
+        assert config.precision == "fp16", preset  # the card's AMP: autocast + GradScaler
+        assert config.grad_clip == 1.0 and config.total_steps is None and config.device == "auto"
+    # the older `amp` key maps onto the trainer's precision; `precision` wins when both are set
+    assert sg.precision_of({"amp": True}) == "fp16" and sg.precision_of({"amp": False}) == "fp32"
+    assert sg.precision_of({"amp": True, "precision": "bf16"}) == "bf16"
+    # on CPU the trainer uses fp32 (no autocast, no scaler): what the demo run recorded
+    cpu = trainer_mod.Trainer(sg.trainer_config({"precision": "fp16", "device": "cpu"}, 0), tmp_path, kind="scgpt")
+    assert cpu.precision_used == "fp32"
+    assert json.loads((trained / sg.STATS_FILE).read_text())["precision"] == "fp32"
 
 
 def _run_curve(curve, patience):
@@ -376,3 +419,50 @@ def test_fit_stops_early_and_keeps_the_best_epoch(tmp_path, monkeypatch, small, 
     # a rerun of a finished (early-stopped) run trains no further
     sg.ScGPTModel().fit(train, val, context, _params(max_epochs=10, early_stop_patience=3), tmp_path)
     assert json.loads((tmp_path / sg.STATS_FILE).read_text())["epochs_trained"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# data parallelism (2 gloo processes on CPU)
+# --------------------------------------------------------------------------------------------
+
+# dropout 0: masks are drawn per process, so with dropout the two runs differ by design
+DDP_PARAMS = {"model": {"dropout": 0.0}, "training": {"device": "cpu", "progress": False}}
+
+
+def _ddp_fit(data_dir: str, out: str) -> None:
+    """Entry point of the data-parallel job (run by perturb_repro.distributed in each process)."""
+    import anndata as ad
+
+    torch.set_num_threads(1)
+    train, val = (ad.read_h5ad(Path(data_dir) / f"{n}.h5ad") for n in ("train", "val"))
+    context = ModelContext("norman_demo", "control", None, {}, seed=3)
+    sg.ScGPTModel().fit(train, val, context, deep_merge(_params(), DDP_PARAMS), out)
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, monkeypatch, small):
+    """Each process computes its half of every global batch of 32; validation and early stopping agree."""
+    import os
+
+    from perturb_repro.distributed import launch
+
+    train, val = small
+    train.write_h5ad(tmp_path / "train.h5ad")
+    val.write_h5ad(tmp_path / "val.h5ad")
+    _ddp_fit(str(tmp_path), str(tmp_path / "one"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    job = {"function": "test_scgpt:_ddp_fit", "kwargs": {"data_dir": str(tmp_path), "out": str(tmp_path / "two")}}
+    launch(job, tmp_path / "job.json", nodes=1, tasks_per_node=2, use_srun=False, timeout=300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Averaging two half-batch gradients rounds differently from one full-batch mean (float32), amplified a
+    # little by 24 Adam steps at lr 1e-3: observed max |diff| 1.8e-5; a wrong shard or a missing all-reduce
+    # moves weights by far more.
+    for name in (sg.LAST_FILE, sg.BEST_FILE):
+        a, b = _weights(one / name), _weights(two / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{name} {k}: {m}")
+    sa, sb = (json.loads((d / sg.STATS_FILE).read_text()) for d in (one, two))
+    assert (sa["world_size"], sb["world_size"]) == (1, 2)
+    for key in ("epochs_trained", "best_epoch", "steps", "cells_seen", "stop_reason", "global_batch"):
+        assert sa[key] == sb[key], key
+    assert sb["best_val_pearson_delta"] == pytest.approx(sa["best_val_pearson_delta"], abs=1e-4)

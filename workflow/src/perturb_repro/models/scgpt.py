@@ -17,7 +17,10 @@ maps onto it (scgpt 0.2.4 = bowang-lab/scGPT v0.2.4, commit 0cd3c73):
   0/1; during training a random subset of ``max_seq_len`` genes (the same for the whole batch) is
   used when there are more genes, prediction uses all of them (``pred_perturb``); loss = MSE of the
   predicted against the perturbed cell's expression over the input genes; Adam, StepLR(1, gamma)
-  stepped per epoch, gradient clipping at 1.0, fp16 autocast + GradScaler (on GPU only here).
+  stepped per epoch, gradient clipping at 1.0, fp16 autocast + GradScaler (on GPU only here). The loop
+  is the shared trainer's (``perturb_repro.trainer``: devices, precision, clipping, DDP, checkpoints,
+  resume); this module gives it the loss and the epoch-end work (``_FineTuneTask``). ``batch_size`` is
+  the global batch: under data parallelism each of N processes computes batch_size / N of its rows.
 * Model selection as the Replogle card (shared/seeds/scgpt_replogle_card.txt): validation
   ``pearson_delta`` (scgpt.utils.compute_perturbation_metrics: per condition, Pearson over genes of
   mean predicted minus control mean against mean true minus control mean; averaged), early stopping
@@ -64,7 +67,8 @@ from ..data.conditions import genes_of
 from ..data.source import CONDITION, IS_CONTROL
 from ..errors import PipelineInputError
 from ..io import atomic_path, write_text
-from ..training import Preempted, StopFlag, TrainLog
+from ..distributed import current_world
+from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, resolve_device
 from . import _scgpt_loading as loading
 from .base import ModelContext
 
@@ -73,8 +77,9 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.json"  # architecture + gene space: what sample needs to rebuild the network
 VOCAB_FILE = "vocab.json"
 BEST_FILE = "best_model.pt"  # state dict of the best epoch, scGPT's own file name
-LAST_FILE = "last.pt"  # model, optimiser, scheduler and scaler state for resuming
-STATE_FILE = "state.json"
+LAST_FILE = "last.pt"  # {"model": state dict} of the last epoch
+STATE_FILE = "trainer_state.json"  # the shared trainer's resume point (trainer_state.pt holds the state)
+LOG_FILE = "train_log.csv"
 EPOCH_LOG = "epoch_log.csv"
 STATS_FILE = "training_stats.json"
 GENE_SPACE_FILE = "gene_space.json"
@@ -381,23 +386,29 @@ def gene_symbols(adata: ad.AnnData, params: Mapping[str, Any]) -> list[str]:
     return list(map(str, adata.var[column]))
 
 
-def _device(params: Mapping[str, Any]) -> torch.device:
-    name = params.get("device", "auto")
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def precision_of(training: Mapping[str, Any]) -> str:
+    """The trainer precision a preset asks for: ``precision``, else scGPT's ``amp`` key (true: fp16 autocast +
+    GradScaler, as scGPT's fine-tuning; false: fp32). fp16/bf16 apply on CUDA only: CPU runs stay fp32."""
+    if training.get("precision"):
+        return str(training["precision"])
+    return "fp16" if training.get("amp", True) else "fp32"
 
 
-def _amp(training: Mapping[str, Any], device: torch.device) -> bool:
-    """fp16 autocast as scGPT's fine-tuning, on GPU only (CPU runs stay fp32 and bit-reproducible)."""
-    return bool(training.get("amp", True)) and device.type == "cuda"
+def trainer_config(training: Mapping[str, Any], seed: int) -> TrainerConfig:
+    """The preset's training keys as the shared trainer's settings. The run is counted in epochs (the task
+    stops at ``max_epochs`` or early), so there is no step budget."""
+    clip = training.get("grad_clip_norm", 1.0)
+    return TrainerConfig(
+        total_steps=None, seed=seed, checkpoint_every=int(training.get("checkpoint_every") or 0),
+        precision=precision_of(training), grad_clip=float(clip) if clip else None,
+        device=str(training.get("device", "auto")), progress=bool(training.get("progress", True)),
+    )
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Seed torch's global RNG (dropout) for one step without disturbing the caller's stream."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+def _seeded(seed: int):
+    """Seed torch's CPU generator (weight init) without disturbing the caller's stream."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
@@ -485,10 +496,10 @@ def _arch(params: Mapping[str, Any], vocab: Mapping[str, int], pretrained_args: 
 
 
 def build_for_training(
-    train: ad.AnnData, context: ModelContext, params: Mapping[str, Any], checkpoint_dir: Path
+    train: ad.AnnData, context: ModelContext, params: Mapping[str, Any], checkpoint_dir: Path, write: bool = True
 ) -> tuple[TransformerGenerator, GeneSpace, dict]:
-    """Network (pretrained or fresh), gene space and the metadata ``sample`` needs; writes
-    model.json, vocab.json, gene_space.json and (pretrained) pretrained_load.json."""
+    """Network (pretrained or fresh), gene space and the metadata ``sample`` needs; writes (``write``: rank 0
+    of a data-parallel job) model.json, vocab.json, gene_space.json and (pretrained) pretrained_load.json."""
     pretrained_dir = params.get("pretrained_dir")
     if pretrained_dir:
         pretrained_dir = Path(pretrained_dir)
@@ -503,14 +514,15 @@ def build_for_training(
     elif params.get("gene_prior") not in (None, "none"):
         raise PipelineInputError("params", "gene_prior", f"unknown gene prior '{params.get('gene_prior')}' (null or esm2)")
     arch = _arch(params, vocab, pretrained_args)
-    with _seeded(_mix(context.seed, 0x1717), torch.device("cpu")):
+    with _seeded(_mix(context.seed, 0x1717)):
         net = build_network(arch, len(prior_genes) + 1 if table is not None else 0, table.shape[1] if table is not None else 0)
     if table is not None:
         net.gene_prior.table.copy_(torch.from_numpy(table))
     if pretrained_dir:
         state = loading.read_state_dict(pretrained_dir / loading.WEIGHTS_FILE)
         report = loading.load_pretrained(net, state, source=str(pretrained_dir / loading.WEIGHTS_FILE))
-        write_text(json.dumps(report.as_dict(), indent=1), checkpoint_dir / LOAD_REPORT_FILE)
+        if write:
+            write_text(json.dumps(report.as_dict(), indent=1), checkpoint_dir / LOAD_REPORT_FILE)
     space = GeneSpace(gene_symbols(train, params), vocab, context.control_label, prior_genes)
     if space.dropped:
         logger.warning(
@@ -525,13 +537,14 @@ def build_for_training(
         "pretrained_dir": str(pretrained_dir) if pretrained_dir else None,
         "genes": space.genes,
     }
-    write_text(json.dumps(vocab), checkpoint_dir / VOCAB_FILE)
-    write_text(json.dumps(meta), checkpoint_dir / MODEL_FILE)
-    write_text(
-        json.dumps({"n_genes": len(space.genes), "n_in_vocab": space.n_kept, "dropped_not_in_vocab": space.dropped,
-                    "dropped_prediction": "the sampled control cell's own value"}, indent=1),
-        checkpoint_dir / GENE_SPACE_FILE,
-    )
+    if write:
+        write_text(json.dumps(vocab), checkpoint_dir / VOCAB_FILE)
+        write_text(json.dumps(meta), checkpoint_dir / MODEL_FILE)
+        write_text(
+            json.dumps({"n_genes": len(space.genes), "n_in_vocab": space.n_kept, "dropped_not_in_vocab": space.dropped,
+                        "dropped_prediction": "the sampled control cell's own value"}, indent=1),
+            checkpoint_dir / GENE_SPACE_FILE,
+        )
     return net, space, meta
 
 
@@ -585,24 +598,12 @@ def gene_subset(n_kept: int, cap: int, seed: int, step: int) -> np.ndarray | Non
     return np.sort(torch.randperm(n_kept, generator=_generator(seed, 0x5E9, step))[:cap].numpy())
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
-
-
-def train_step(net, optimizer, scaler, batch: Batch, target: torch.Tensor, device, amp: bool, clip: float) -> float:
-    net.train()
-    batch = batch.to(device)
-    target = target.to(device)
-    with _autocast(device, amp):
-        pred = net(batch.src, batch.values, batch.flags, batch.padding, batch.prior)
-    loss = torch.nn.functional.mse_loss(pred[:, : batch.n_panel].float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(net.parameters(), clip, error_if_nonfinite=not scaler.is_enabled())
-    scaler.step(optimizer)
-    scaler.update()
-    return float(loss.detach())
+def _autocast(device: torch.device, precision: bool | str):
+    """fp16 (``True``, scGPT's amp) or bf16 autocast on CUDA; a no-op elsewhere."""
+    precision = "fp16" if precision is True else precision
+    if device.type != "cuda" or precision not in ("fp16", "bf16"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 @torch.no_grad()
@@ -613,11 +614,12 @@ def predict_cells(
     condition: str,
     batch_size: int,
     device: torch.device,
-    amp: bool,
+    amp: bool | str,
     pad_value: float = 0.0,
 ) -> np.ndarray:
     """One predicted cell per control cell (rows of ``x_control`` in the dataset's gene order), all
-    genes as input (``pred_perturb``); genes outside the vocabulary keep the control value; >= 0."""
+    genes as input (``pred_perturb``); genes outside the vocabulary keep the control value; >= 0.
+    ``amp``: the autocast precision (True = fp16; CUDA only)."""
     net.eval()
     out = np.array(x_control, dtype=np.float32, copy=True)
     tokens = space.tokens(condition)
@@ -633,7 +635,7 @@ def predict_cells(
 
 def validate(
     net, space: GeneSpace, val: ad.AnnData, x_val, control_x: np.ndarray, params: Mapping[str, Any],
-    device: torch.device, amp: bool, seed: int, epoch: int, pad_value: float,
+    device: torch.device, amp: bool | str, seed: int, epoch: int, pad_value: float,
 ) -> dict[str, float]:
     """scGPT's validation: each val cell's condition predicted from a random train control cell;
     pearson_delta and mse of the per-condition mean profiles (deltas against the control mean)."""
@@ -660,20 +662,9 @@ def validate(
     }
 
 
-def _save_last(checkpoint_dir: Path, net, optimizer, scheduler, scaler, state: dict) -> None:
-    """Weights and optimiser first, then the step marker, each atomically (as cellflow's _save)."""
-    with atomic_path(checkpoint_dir / LAST_FILE) as tmp:
-        torch.save(
-            {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict()},
-            tmp,
-        )
-    write_text(json.dumps(state, indent=1), checkpoint_dir / STATE_FILE)
-
-
-def _save_best(checkpoint_dir: Path, net) -> None:
-    with atomic_path(checkpoint_dir / BEST_FILE) as tmp:
-        torch.save(net.state_dict(), tmp)
+def _save_weights(path: Path, state: Mapping[str, torch.Tensor], wrap: bool = False) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": dict(state)} if wrap else dict(state), tmp)
 
 
 def _write_epoch_log(checkpoint_dir: Path, history: list[dict]) -> None:
@@ -683,6 +674,144 @@ def _write_epoch_log(checkpoint_dir: Path, history: list[dict]) -> None:
     write_text("\n".join(lines) + "\n", checkpoint_dir / EPOCH_LOG)
 
 
+def _unwrap(net: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return net.module if isinstance(net, DistributedDataParallel) else net
+
+
+class _FineTuneTask(TrainTask):
+    """Tutorial_Perturbation's epoch loop as a task of the shared trainer.
+
+    Update ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``: the epoch's shuffle and
+    the update's gene subset are drawn from (seed, epoch) and (seed, step) for the *global* batch, and each
+    data-parallel process keeps its rows (``Shard.take``), so N processes see the batch one process sees.
+    An epoch's last update validates (every process, rank 0's numbers decide), keeps the best weights,
+    steps the per-epoch StepLR schedule and decides early stopping; these counters, the history and the
+    best weights are the task's state, saved and restored with the trainer's.
+    """
+
+    def __init__(self, *, space: GeneSpace, arch: Mapping[str, Any], x_train, source, target, conditions,
+                 cond_tokens, cap: int, use_prior: bool, params: Mapping[str, Any], seed: int, scheduler, val, x_val, control_x,
+                 precision: str, device: torch.device, checkpoint_dir: Path, is_main: bool):
+        training = params["training"]
+        self.space, self.arch, self.x, self.source, self.target = space, arch, x_train, source, target
+        self.conditions, self.cond_tokens, self.cap = conditions, cond_tokens, cap
+        self.params, self.seed, self.scheduler = params, seed, scheduler
+        self.batch_size = int(training["batch_size"])
+        self.steps_per_epoch = len(epoch_batches(len(source), self.batch_size, seed, 0))  # the same every epoch
+        self.max_epochs = int(training["max_epochs"])
+        self.stop_metric = str(training.get("stop_metric", "pearson_delta"))
+        self.val, self.x_val, self.control_x = val, x_val, control_x
+        self.has_val = x_val is not None
+        self.precision, self.device, self.dir, self.is_main = precision, device, checkpoint_dir, is_main
+        self.pad_value = float(arch.get("pad_value", 0.0))
+        self.use_prior = use_prior
+        self._epoch_rows: tuple[int, list[np.ndarray]] | None = None
+        self._pending: torch.Tensor | None = None
+        # state
+        self.epoch_loss_sum, self.cells_seen, self.seconds = 0.0, 0, 0.0
+        self.history: list[dict] = []
+        self.stop_reason: str | None = None
+        self.stopper = EarlyStopping(int(training["early_stop_patience"]))
+        self.best: dict[str, torch.Tensor] | None = None
+        self._clock = time.time()
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+            self._epoch_rows = (epoch, epoch_batches(len(self.source), self.batch_size, self.seed, epoch))
+        return self._epoch_rows[1]
+
+    def loss(self, net: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        cols = gene_subset(self.space.n_kept, self.cap, self.seed, step)
+        rows = shard.take(self._batches(epoch)[b])
+        x_in = _rows(self.x, self.source[rows])[:, self.space.kept]
+        y = _rows(self.x, self.target[rows])[:, self.space.kept]
+        if cols is not None:
+            y = y[:, cols]
+        batch = assemble(self.space, x_in, [self.cond_tokens[c] for c in self.conditions[self.target[rows]]], cols,
+                         self.arch["pert_pad_id"], self.pad_value, self.use_prior).to(shard.device)
+        pred = net(batch.src, batch.values, batch.flags, batch.padding, batch.prior)
+        loss = torch.nn.functional.mse_loss(pred[:, : batch.n_panel].float(), torch.from_numpy(y).to(shard.device))
+        self._pending = loss.detach()
+        return loss
+
+    def after_step(self, net: nn.Module, steps_done: int) -> bool:
+        epoch, b = divmod(steps_done - 1, self.steps_per_epoch)
+        loss = float(self._pending) if self._pending is not None else float("nan")
+        if self.precision != "fp16" and not math.isfinite(loss):  # under fp16 the grad scaler skips such steps
+            raise FloatingPointError(f"scGPT: non-finite training loss at step {steps_done - 1}")
+        self.epoch_loss_sum += loss
+        self.cells_seen += len(self._batches(epoch)[b])
+        if steps_done % self.steps_per_epoch:
+            return False
+        # end of epoch `epoch` (0-based): validate, keep the best, step the schedule
+        module = _unwrap(net)
+        entry = {"epoch": epoch + 1, "lr": float(self.scheduler.get_last_lr()[0]), "steps": steps_done}
+        metrics = None
+        if self.has_val:
+            metrics = validate(module, self.space, self.val, self.x_val, self.control_x, self.params, self.device,
+                               self.precision, self.seed, epoch, self.pad_value)
+            module.train()
+        loss_sum, metrics = _agree(self.epoch_loss_sum, metrics, self.device)
+        entry["train_loss"] = loss_sum / self.steps_per_epoch
+        if metrics is not None:
+            entry.update(val_mse=metrics["mse"], val_pearson_delta=metrics["pearson_delta"])
+            if self.stopper.update(epoch + 1, metrics[self.stop_metric]):
+                self.best = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        else:  # nothing to select on: the latest weights are the ones kept (the final weights, at the end)
+            self.stopper.best_epoch = epoch + 1
+        entry["best_epoch"] = self.stopper.best_epoch
+        self.scheduler.step()
+        self.epoch_loss_sum = 0.0
+        if self.has_val and self.stopper.should_stop:
+            self.stop_reason = "early_stop"
+        elif epoch + 1 >= self.max_epochs:
+            self.stop_reason = "max_epochs"
+        entry["seconds"] = self.seconds + time.time() - self._clock
+        self.history.append(entry)
+        if self.is_main:
+            _write_epoch_log(self.dir, self.history)
+        logger.info("scGPT epoch %d: %s", epoch + 1, entry)
+        return self.stop_reason is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        now = time.time()  # wall time is summed over runs: each save adds the time since the last
+        self.seconds += now - self._clock
+        self._clock = now
+        return {"epoch_loss_sum": self.epoch_loss_sum, "cells_seen": self.cells_seen, "seconds": self.seconds,
+                "history": self.history, "stop_reason": self.stop_reason, "early_stopping": self.stopper.as_dict(),
+                "best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self.epoch_loss_sum, self.cells_seen = float(state["epoch_loss_sum"]), int(state["cells_seen"])
+        self.seconds, self.history = float(state["seconds"]), list(state["history"])
+        self.stop_reason = state["stop_reason"]
+        self.stopper = EarlyStopping.from_dict(state["early_stopping"])
+        self.best = state["best"]
+        self._clock = time.time()
+
+
+def _agree(loss_sum: float, metrics: dict | None, device: torch.device) -> tuple[float, dict | None]:
+    """Under DDP: the epoch's loss summed over processes (each summed its shard's means), and rank 0's
+    validation numbers on every process, so every process takes the same early-stopping decision."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return loss_sum, metrics
+    t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    loss_sum = float(t.item()) / dist.get_world_size()
+    if metrics is not None:
+        m = torch.tensor([metrics["pearson_delta"], metrics["mse"]], dtype=torch.float64, device=device)
+        dist.broadcast(m, 0)
+        metrics = dict(metrics, pearson_delta=float(m[0]), mse=float(m[1]))
+    return loss_sum, metrics
+
+
 class ScGPTModel:
     def fit(self, train, val, context: ModelContext, params, checkpoint_dir: Path) -> None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -690,37 +819,14 @@ class ScGPTModel:
         training = params["training"]
         if params.get("data", {}).get("include_zero_gene", "all") != "all":
             raise PipelineInputError("params", "data.include_zero_gene", "only 'all' (the perturbation tutorial's) is implemented")
-        device = _device(params)
-        amp = _amp(training, device)
         seed = int(context.seed)
-        max_epochs = int(training["max_epochs"])
-        batch_size = int(training["batch_size"])
-        every = int(training.get("checkpoint_every") or 0)
-        clip = float(training.get("grad_clip_norm", 1.0))
-
-        resuming = (checkpoint_dir / STATE_FILE).exists() and (checkpoint_dir / LAST_FILE).exists()
-        if resuming:
-            net, space, meta = load_trained(checkpoint_dir, context.control_label, LAST_FILE)
-            state = json.loads((checkpoint_dir / STATE_FILE).read_text())
-        else:
-            net, space, meta = build_for_training(train, context, params, checkpoint_dir)
-            state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0, "cells_seen": 0,
-                     "seconds": 0.0, "history": [], "stop_reason": None,
-                     "early_stopping": EarlyStopping(int(training["early_stop_patience"])).as_dict()}
-        if gene_symbols(train, params) != space.genes:
-            raise PipelineInputError("train", "var_names", "genes differ from the checkpoint's")
+        world = current_world()
+        net, space, meta = build_for_training(train, context, params, checkpoint_dir, write=world.is_main)
         arch = meta["arch"]
-        pad_value = float(arch.get("pad_value", 0.0))
-        net.to(device)
-        optimizer = torch.optim.Adam(net.parameters(), lr=float(training["lr"]))
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=float(training["lr_gamma"]))
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        if resuming:
-            last = torch.load(checkpoint_dir / LAST_FILE, map_location=device, weights_only=True)
-            optimizer.load_state_dict(last["optimizer"])
-            scheduler.load_state_dict(last["scheduler"])
-            scaler.load_state_dict(last["scaler"])
-        stopper = EarlyStopping.from_dict(state["early_stopping"])
+        fingerprint = {"meta": meta, "n_cells": int(train.n_obs), "data": params.get("data", {}),
+                       **{k: training.get(k) for k in ("batch_size", "lr", "lr_gamma", "grad_clip_norm")}}
+        trainer = Trainer(trainer_config(training, seed), checkpoint_dir, kind="scgpt", fingerprint=fingerprint,
+                          log_file=LOG_FILE)
 
         x_train = _matrix(train)
         source, target = train_pairs(train, seed)
@@ -731,88 +837,45 @@ class ScGPTModel:
         controls = np.flatnonzero(train.obs[IS_CONTROL].to_numpy(dtype=bool))
         control_x = _rows(x_train, controls)
         has_val = val is not None and val.n_obs > 0 and (val.obs[CONDITION].astype(str) != context.control_label).any()
-        x_val = _matrix(val) if has_val else None
-        use_prior = net.gene_prior is not None
 
-        log = TrainLog(checkpoint_dir / "train_log.csv", state["global_step"])
-        clock = [time.time()]  # wall time is summed over runs: each save adds the time since the last
-
-        def checkpoint() -> None:
-            now = time.time()
-            state["seconds"] += now - clock[0]
-            clock[0] = now
-            state["early_stopping"] = stopper.as_dict()
-            log.flush()
-            _save_last(checkpoint_dir, net, optimizer, scheduler, scaler, state)
-
-        try:
-            with StopFlag() as flag:
-                while state["epoch"] < max_epochs and state["stop_reason"] != "early_stop":
-                    epoch = state["epoch"]
-                    batches = epoch_batches(len(source), batch_size, seed, epoch)
-                    for b in range(state["step_in_epoch"], len(batches)):
-                        rows = batches[b]
-                        step = state["global_step"]
-                        cols = gene_subset(space.n_kept, cap, seed, step)
-                        x_in = _rows(x_train, source[rows])[:, space.kept]
-                        y = _rows(x_train, target[rows])[:, space.kept]
-                        if cols is not None:
-                            y = y[:, cols]
-                        batch = assemble(space, x_in, [cond_tokens[c] for c in conditions[target[rows]]], cols,
-                                         arch["pert_pad_id"], pad_value, use_prior)
-                        with _seeded(_mix(seed, 0xD50, step), device):
-                            loss = train_step(net, optimizer, scaler, batch, torch.from_numpy(y), device, amp, clip)
-                        log.add(step, loss)
-                        state.update(global_step=step + 1, step_in_epoch=b + 1, epoch_loss_sum=state["epoch_loss_sum"] + loss,
-                                     cells_seen=state["cells_seen"] + len(rows))
-                        if flag.raised or (every and state["global_step"] % every == 0):
-                            checkpoint()
-                        if flag.raised:
-                            raise Preempted(f"signal {flag.raised} at step {state['global_step']}; state saved, rerun to resume")
-                    # end of epoch: validate, keep the best, step the schedule
-                    entry = {"epoch": epoch + 1, "train_loss": state["epoch_loss_sum"] / max(len(batches), 1),
-                             "lr": float(scheduler.get_last_lr()[0]), "steps": state["global_step"]}
-                    if has_val:
-                        metrics = validate(net, space, val, x_val, control_x, params, device, amp, seed, epoch, pad_value)
-                        score = metrics[training.get("stop_metric", "pearson_delta")]
-                        entry.update(val_mse=metrics["mse"], val_pearson_delta=metrics["pearson_delta"])
-                        if stopper.update(epoch + 1, score):
-                            _save_best(checkpoint_dir, net)
-                    else:  # nothing to select on: the latest weights are the ones kept
-                        stopper.best_epoch = epoch + 1
-                        _save_best(checkpoint_dir, net)
-                    entry["best_epoch"] = stopper.best_epoch
-                    scheduler.step()
-                    state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
-                    if has_val and stopper.should_stop:
-                        state["stop_reason"] = "early_stop"
-                    entry["seconds"] = state["seconds"] + time.time() - clock[0]
-                    state["history"].append(entry)
-                    checkpoint()
-                    _write_epoch_log(checkpoint_dir, state["history"])
-                    logger.info("scGPT epoch %d: %s", epoch + 1, entry)
-                    if flag.raised:
-                        raise Preempted(f"signal {flag.raised} after epoch {epoch + 1}; state saved, rerun to resume")
-                if state["stop_reason"] is None:
-                    state["stop_reason"] = "max_epochs"
-                    checkpoint()
-        finally:
-            log.close()
-        best = stopper.best if has_val and stopper.best > -math.inf else None
-        write_text(
-            json.dumps({
-                "epochs_trained": state["epoch"], "best_epoch": stopper.best_epoch,
-                "best_val_" + str(training.get("stop_metric", "pearson_delta")): best,
-                "stop_reason": state["stop_reason"] if has_val else f"{state['stop_reason']} (no validation set: last epoch kept)",
-                "early_stop_patience": stopper.patience, "max_epochs": max_epochs, "steps": state["global_step"],
-                "cells_seen": state["cells_seen"], "wall_clock_seconds": state["seconds"], "device": str(device), "amp": amp,
-            }, indent=1),
-            checkpoint_dir / STATS_FILE,
+        # The ClsDecoder is not part of the perturbation loss: it never gets a gradient (Adam leaves it as it is,
+        # as in scGPT), and frozen it is not a parameter DDP waits for.
+        net.cls_decoder.requires_grad_(False)
+        optimizer = torch.optim.Adam(net.parameters(), lr=float(training["lr"]))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=float(training["lr_gamma"]))
+        task = _FineTuneTask(
+            space=space, arch=arch, x_train=x_train, source=source, target=target, conditions=conditions,
+            cond_tokens=cond_tokens, cap=cap, use_prior=net.gene_prior is not None, params=params, seed=seed, scheduler=scheduler,
+            val=val if has_val else None, x_val=_matrix(val) if has_val else None, control_x=control_x,
+            precision=trainer.precision_used, device=trainer.device, checkpoint_dir=checkpoint_dir,
+            is_main=trainer.is_main,
         )
+        result = trainer.fit(net, optimizer, task, stateful={"lr_schedule": scheduler})
+        if trainer.is_main:
+            final = result.module.state_dict()
+            _save_weights(checkpoint_dir / LAST_FILE, final, wrap=True)
+            _save_weights(checkpoint_dir / BEST_FILE, task.best if has_val and task.best is not None else final)
+            _write_epoch_log(checkpoint_dir, task.history)
+            stopper = task.stopper
+            best = stopper.best if has_val and stopper.best > -math.inf else None
+            write_text(
+                json.dumps({
+                    "epochs_trained": len(task.history), "best_epoch": stopper.best_epoch,
+                    "best_val_" + task.stop_metric: best,
+                    "stop_reason": task.stop_reason if has_val else f"{task.stop_reason} (no validation set: last epoch kept)",
+                    "early_stop_patience": stopper.patience, "max_epochs": task.max_epochs, "steps": result.steps,
+                    "steps_per_epoch": task.steps_per_epoch, "global_batch": task.batch_size,
+                    "world_size": trainer.world.size, "cells_seen": task.cells_seen,
+                    "wall_clock_seconds": task.seconds, "device": str(trainer.device),
+                    "precision": trainer.precision_used,
+                }, indent=1),
+                checkpoint_dir / STATS_FILE,
+            )
+        trainer.close()
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
-        device = _device(params)
-        amp = _amp(params["training"], device)
+        device = resolve_device(str(params["training"].get("device", "auto")), current_world())
+        amp = precision_of(params["training"])  # autocast on CUDA only
         net, space, meta = load_trained(Path(checkpoint_dir), context.control_label, BEST_FILE, gene_symbols(control, params))
         net.to(device)
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
