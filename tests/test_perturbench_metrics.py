@@ -12,10 +12,13 @@ routines than the module uses, from PerturBench's definitions (altoslabs/perturb
              variances (scanpy "t-test_overestim_var"), each group vs the true control
   rank       M[i, j] = metric(pred i, truth j); "_rank": for truth j, position of pred j among all
              preds (best first) / (n - 1); "_rank_transpose": for pred i, position of truth i.
+             The expected ranks come from `upstream_rank_helper`, a transcription of PerturBench's
+             own rank_helper (both releases), never from the module's function.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import anndata as ad
@@ -28,6 +31,7 @@ from scipy.stats import energy_distance
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.scoring.perturbench import (
     METRICS,
+    SETTINGS_COLUMN,
     SUMMARY_COLUMNS,
     metric_columns,
     perturbench_metrics,
@@ -197,19 +201,6 @@ def test_metric_matches_independent_computation(scored, metric):
     np.testing.assert_allclose(frame[metric].to_numpy(), expected, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("metric", list(METRICS))
-def test_ranks_match_independent_computation(scored, metric):
-    _, _, conds, frame, mats = scored
-    kind = METRICS[metric][2]
-    n = len(conds)
-    for orientation, mat in (("_rank", mats[metric]), ("_rank_transpose", mats[metric].T)):
-        got = frame[metric + orientation].to_numpy() * (n - 1)
-        for j in range(n):
-            better, ties = ref_rank_bounds(mat, j, kind)
-            # continuous metrics have no ties; DEG recall may, and then the seeded shuffle decides
-            assert better - 1e-9 <= got[j] <= better + ties + 1e-9, (metric, orientation, j)
-
-
 def test_mmd_single_gene_is_half_squared_energy_distance():
     """1-D check against scipy: geomloss energy = ED^2 / 2, minus the 1e-8 clamp on the diagonal."""
     rng = np.random.default_rng(7)
@@ -357,14 +348,16 @@ def test_score_perturbench_writes_both_files(tmp_path, scored):
     written = pd.read_csv(per_cond)
     pd.testing.assert_frame_equal(written, frame, check_dtype=False, check_categorical=False, rtol=1e-12)
     summary = pd.read_csv(summary_path)
-    assert tuple(summary.columns) == SUMMARY_COLUMNS
+    assert tuple(summary.columns) == SUMMARY_COLUMNS + (SETTINGS_COLUMN,)
+    settings = json.loads(summary[SETTINGS_COLUMN].iloc[0])
+    assert settings["rank_normalisation"] == "n_minus_1" and settings["max_cells_per_condition"] is None
+    assert settings["distance_dtype"] == "float64" and summary[SETTINGS_COLUMN].nunique() == 1
     assert list(summary["metric"]) == metric_columns()
     for _, row in summary.iterrows():
         v = frame[row["metric"]].to_numpy(dtype=float)
         expected = [len(v), sum(v) / len(v), math.sqrt(sum((x - v.mean()) ** 2 for x in v) / (len(v) - 1)), min(v),
                     np.percentile(v, 25), np.percentile(v, 50), np.percentile(v, 75), max(v)]
         np.testing.assert_allclose(row[list(SUMMARY_COLUMNS[1:])].to_numpy(dtype=float), expected, rtol=1e-12, atol=1e-15)
-    assert summarise(frame).equals(summarise(frame))  # pure
 
 
 def test_score_perturbench_bad_genes_names_file_and_leaves_no_output(tmp_path, scored):
@@ -381,3 +374,234 @@ def test_score_perturbench_bad_genes_names_file_and_leaves_no_output(tmp_path, s
         score_perturbench(pred_path, truth_path, CONTROL, per_cond, summary_path)
     assert err.value.source == str(pred_path) and err.value.field == "var_names"
     assert not per_cond.exists() and not summary_path.exists()
+
+
+# --------------------------------------------------------------------------- ranks against upstream's rank_helper
+
+
+def upstream_rank_helper(pred_ref_mat: pd.DataFrame, metric_type: str, release: str, random_state=None) -> pd.Series:
+    """PerturBench's ``rank_helper``, transcribed (plain pandas/numpy) from altoslabs/perturbench
+    ``src/perturbench/analysis/benchmarks/metrics.py``:
+
+    * ``release="later"``: commit c84038bc1ea409aa54f3832cfa6f34f5059adf0c (the content the later release
+      fc13a8c ships; the PRiMeFlow metrics MMD / PCA / top_k_recall exist only there):
+      ``rel_ranks / (len(rel_ranks) - 1)`` when ``len(rel_ranks) > 1``;
+    * ``release="first"``: commit 4dd6a03c54ef348f6be6e46e21ea7f80eb2daaa2: ``rel_ranks / len(rel_ranks)``.
+
+    Rows of the matrix are predictions, columns the references; for each reference ``p`` the column is
+    shuffled (``sample(frac=1.0)``; upstream unseeded, ``random_state`` here), sorted best first and the
+    0-based position of ``p`` taken.
+    """
+    rel_ranks = pd.Series(1.0, index=pred_ref_mat.columns)
+    for p in pred_ref_mat.columns:
+        pred_metrics = pred_ref_mat.loc[:, p]
+        pred_metrics = pred_metrics.sample(frac=1.0, random_state=random_state)
+        if metric_type == "distance":
+            pred_metrics = pred_metrics.sort_values(ascending=True)
+        elif metric_type == "similarity":
+            pred_metrics = pred_metrics.sort_values(ascending=False)
+        else:
+            raise ValueError(metric_type)
+        rel_ranks.loc[p] = np.where(pred_metrics.index == p)[0][0]
+    if release == "later":
+        if len(rel_ranks) > 1:
+            rel_ranks = rel_ranks / (len(rel_ranks) - 1)
+    elif release == "first":
+        rel_ranks = rel_ranks / len(rel_ranks)
+    else:
+        raise ValueError(release)
+    return rel_ranks
+
+
+RELEASES = {"later": "n_minus_1", "first": "n"}
+
+# Rank fixture of its own: 6 conditions; the diagonal is rarely the best, some columns have ties among
+# the *other* rows (deterministic position), columns 2 and 5 have rows tied with the diagonal, one NaN.
+RANK_FIXTURE = np.array(
+    [
+        [0.9, 0.1, 0.4, 0.3, 0.2, 0.5],
+        [0.2, 0.35, 0.4, 0.3, 0.7, 0.5],
+        [0.5, 0.3, 0.4, 0.3, 0.1, 0.6],
+        [0.1, 0.8, 0.2, 0.6, 0.9, 0.5],
+        [0.7, 0.3, 0.9, 0.3, 0.5, 0.5],
+        [0.4, np.nan, 0.1, 0.0, 0.3, 0.5],
+    ]
+)
+TIED_WITH_DIAGONAL = {2: 2, 5: 4}  # column -> number of other rows equal to the diagonal value
+
+
+def _names(n):
+    return [f"c{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+@pytest.mark.parametrize("kind", ["distance", "similarity"])
+def test_ranks_equal_upstream_rank_helper_where_deterministic(release, kind):
+    mat = RANK_FIXTURE
+    frame = pd.DataFrame(mat, index=_names(6), columns=_names(6))
+    expected = upstream_rank_helper(frame, kind, release, random_state=0).to_numpy()
+    free = [j for j in range(6) if j not in TIED_WITH_DIAGONAL]
+    for seed in range(5):  # no tie involves the diagonal in these columns: every shuffle gives the same rank
+        again = upstream_rank_helper(frame, kind, release, random_state=seed + 1).to_numpy()
+        assert np.array_equal(expected[free], again[free])
+    got = rank_columns(mat, kind, np.random.default_rng(0), RELEASES[release])
+    np.testing.assert_array_equal(got[free], expected[free])
+    assert np.count_nonzero(expected[free]) >= 2  # not a fixture of all-zero ranks
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_ranks_tied_with_diagonal_have_upstreams_distribution(release):
+    """Where rows tie with the diagonal, upstream's shuffle makes the rank uniform over the tied slots."""
+    mat = RANK_FIXTURE
+    frame = pd.DataFrame(mat, index=_names(6), columns=_names(6))
+    for kind in ("distance", "similarity"):
+        ups = np.array([upstream_rank_helper(frame, kind, release, random_state=s).to_numpy() for s in range(300)])
+        ours = np.array([rank_columns(mat, kind, np.random.default_rng(s), RELEASES[release]) for s in range(300)])
+        for j, n_tied in TIED_WITH_DIAGONAL.items():
+            assert set(np.round(ours[:, j], 12)) == set(np.round(ups[:, j], 12)), (kind, j)
+            assert len(set(np.round(ours[:, j], 12))) == n_tied + 1
+            assert ours[:, j].mean() == pytest.approx(ups[:, j].mean(), abs=0.06)
+
+
+def test_metric_ranks_equal_upstream_rank_helper_on_pairwise_matrices():
+    """End to end: the rank columns are upstream's rank_helper of the (independently computed) pairwise matrices."""
+    truth, _, conds = _dataset(seed=23, n_conds=5, n_cells=10, n_genes=30)
+    pred_truth, pred, _ = _dataset(seed=23, n_conds=5, n_cells=10, n_genes=30, pred_seed=99)
+    # predictions of p0/p1 and of p2/p3 swapped: their own truths are no longer the best match
+    swap = {"p0": "p1", "p1": "p0", "p2": "p3", "p3": "p2", "p4": "p4", CONTROL: CONTROL}
+    pred.obs[PERT_COL] = pd.Categorical([swap[x] for x in pred.obs[PERT_COL].astype(str)])
+    frame = perturbench_metrics(pred, truth, CONTROL, seed=0, n_deg=6, pca_components=4)
+    mats = ref_matrices(pred, truth, conds, k=6, n_pcs=4)
+    n_nonzero = 0
+    for metric, (_, _, kind) in METRICS.items():
+        for suffix, mat in (("_rank", mats[metric]), ("_rank_transpose", mats[metric].T)):
+            up = upstream_rank_helper(pd.DataFrame(mat, index=conds, columns=conds), kind, "later", random_state=0)
+            got = frame[metric + suffix].to_numpy()
+            for j in range(len(conds)):
+                others = np.delete(mat[:, j], j)
+                if np.any(np.isclose(others, mat[j, j], rtol=1e-9, atol=1e-12)):
+                    better, ties = ref_rank_bounds(mat, j, kind)
+                    assert better / 4 - 1e-12 <= got[j] <= (better + ties) / 4 + 1e-12
+                else:
+                    assert got[j] == pytest.approx(up.iloc[j], abs=1e-12), (metric, suffix, j)
+                    n_nonzero += up.iloc[j] > 0
+    assert n_nonzero >= 10
+
+
+def test_rank_normalisation_option_reaches_the_output():
+    truth, pred, _ = _dataset(seed=29, n_conds=4)
+    pred.obs[PERT_COL] = pd.Categorical(
+        [{"p0": "p1", "p1": "p0"}.get(x, x) for x in pred.obs[PERT_COL].astype(str)]
+    )
+    later = perturbench_metrics(pred, truth, CONTROL, n_deg=5, pca_components=3)
+    first = perturbench_metrics(pred, truth, CONTROL, n_deg=5, pca_components=3, options={"rank_normalisation": "n"})
+    rank_cols = [c for c in later.columns if "_rank" in c]
+    np.testing.assert_allclose(first[rank_cols].to_numpy() * 4, later[rank_cols].to_numpy() * 3, atol=1e-12)
+    assert later["rmse_average_rank"].max() > 0
+
+
+# --------------------------------------------------------------------------- blockwise == direct, on the demo
+
+
+@pytest.fixture(scope="module")
+def demo_pair(demo_processed):
+    """Truth = 8 conditions (<= 60 cells each) + <= 120 controls of the processed demo; prediction = noisy, partly swapped truth."""
+    x = np.asarray(demo_processed.X.toarray() if hasattr(demo_processed.X, "toarray") else demo_processed.X, dtype=np.float32)
+    labels = demo_processed.obs["condition"].astype(str).to_numpy()
+    control = str(demo_processed.uns["control_label"])
+    conds = sorted(set(labels) - {control})[:8]
+    rng = np.random.default_rng(5)
+    ctrl_all = np.flatnonzero(labels == control)
+    ctrl_rows = rng.choice(ctrl_all, size=min(120, len(ctrl_all)), replace=False)
+    rows = np.concatenate([np.flatnonzero(labels == c)[:60] for c in conds] + [ctrl_rows])
+    truth = ad.AnnData(X=x[rows], obs=pd.DataFrame({PERT_COL: pd.Categorical(labels[rows])}, index=[f"t{i}" for i in range(len(rows))]),
+                       var=demo_processed.var[[]].copy())
+    if "highly_variable" in demo_processed.var.columns:
+        truth.var["highly_variable"] = demo_processed.var["highly_variable"].to_numpy()
+    swap = dict(zip(conds, conds))
+    swap[conds[0]], swap[conds[1]] = conds[1], conds[0]
+    pred_x = np.maximum(x[rows] + rng.normal(0, 0.15, size=(len(rows), x.shape[1])).astype(np.float32), 0).astype(np.float32)
+    pred_x[-len(ctrl_rows):] = x[ctrl_rows]
+    pred_labels = [swap.get(v, v) for v in labels[rows]]
+    pred = ad.AnnData(X=pred_x, obs=pd.DataFrame({PERT_COL: pd.Categorical(pred_labels)}, index=[f"p{i}" for i in range(len(rows))]),
+                      var=truth.var[[]].copy())
+    return truth, pred, control, conds
+
+
+def _direct_energy(x, y):
+    """Unblocked: every pairwise distance at once by broadcasting."""
+    def mean_dist(a, b):
+        d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return np.sqrt(np.maximum(d2, 1e-8)).mean()
+    return mean_dist(x, y) - 0.5 * mean_dist(x, x) - 0.5 * mean_dist(y, y)
+
+
+def _direct_metrics(truth, pred, control, conds, n_deg, n_pcs):
+    """Every pairwise matrix straight from the definitions (scanpy's own t-test for the DEGs)."""
+    import scanpy as sc
+
+    tx, px = np.asarray(truth.X, dtype=np.float64), np.asarray(pred.X, dtype=np.float64)
+    tl, pl = truth.obs[PERT_COL].astype(str).to_numpy(), pred.obs[PERT_COL].astype(str).to_numpy()
+    ctrl = tx[tl == control]
+    hvg = truth.var["highly_variable"].to_numpy(bool) if "highly_variable" in truth.var else np.ones(truth.n_vars, bool)
+    mean = tx.mean(0)
+    _, _, vt = np.linalg.svd(tx[:, hvg] - mean[hvg], full_matrices=False)
+    proj = lambda a: (a[:, hvg] - mean[hvg]) @ vt[:n_pcs].T  # noqa: E731
+
+    def scores(adata_x, labels):
+        a = ad.AnnData(X=np.vstack([adata_x[labels != control], ctrl]).astype(np.float32),
+                       obs=pd.DataFrame({"g": pd.Categorical(list(labels[labels != control]) + [control] * len(ctrl))},
+                                        index=[str(i) for i in range(int((labels != control).sum()) + len(ctrl))]),
+                       var=pd.DataFrame(index=truth.var_names))
+        sc.tl.rank_genes_groups(a, "g", reference=control, method="t-test_overestim_var", n_genes=a.n_vars)
+        df = sc.get.rank_genes_groups_df(a, group=None).pivot(index="group", columns="names", values="scores")
+        return df.replace([np.inf, -np.inf], 0.0).loc[conds].to_numpy()  # columns sorted by name, like PerturBench
+
+    def top(s):
+        return [set(np.argsort(np.abs(r), kind="stable")[::-1][:n_deg]) for r in s]
+
+    pt, tt = top(scores(px, pl)), top(scores(tx, tl))
+    lfc = lambda a: np.log2(a.mean(0) + 0.1) - np.log2(ctrl.mean(0) + 0.1)  # noqa: E731
+    n = len(conds)
+    mats = {m: np.zeros((n, n)) for m in METRICS}
+    for i, ci in enumerate(conds):
+        p = px[pl == ci]
+        for j, cj in enumerate(conds):
+            t = tx[tl == cj]
+            a, b = lfc(p), lfc(t)
+            mats["cosine_logfc"][i, j] = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            mats["rmse_average"][i, j] = np.sqrt(np.mean((p.mean(0) - t.mean(0)) ** 2))
+            mats["mmd_gex"][i, j] = _direct_energy(p, t)
+            mats["mmd_pca"][i, j] = _direct_energy(proj(p), proj(t))
+            mats["deg_recall"][i, j] = len(pt[i] & tt[j]) / n_deg
+    return mats
+
+
+@pytest.mark.parametrize("options, tol", [
+    ({}, 1e-9),
+    ({"block_size": 37}, 1e-9),  # blocks straddle conditions
+    ({"block_size": 37, "distance_dtype": "float32"}, 2e-4),
+])
+def test_blockwise_metrics_equal_direct_computation_on_demo(demo_pair, options, tol):
+    truth, pred, control, conds = demo_pair
+    frame = perturbench_metrics(pred, truth, control, seed=0, n_deg=20, pca_components=10, options=options)
+    assert list(frame["condition"]) == conds
+    mats = _direct_metrics(truth, pred, control, conds, n_deg=20, n_pcs=10)
+    for metric, (_, _, kind) in METRICS.items():
+        m_tol = tol if metric.startswith("mmd") else 1e-9
+        np.testing.assert_allclose(frame[metric].to_numpy(), np.diag(mats[metric]), rtol=m_tol, atol=m_tol, err_msg=metric)
+        if tol < 1e-6:  # ranks from upstream's rank_helper on the direct matrices, where no tie makes them random
+            up = upstream_rank_helper(pd.DataFrame(mats[metric], index=conds, columns=conds), kind, "later", 0)
+            for j in range(len(conds)):
+                if not np.any(np.isclose(np.delete(mats[metric][:, j], j), mats[metric][j, j], rtol=1e-7, atol=1e-12)):
+                    assert frame[metric + "_rank"].iloc[j] == pytest.approx(up.iloc[j], abs=1e-12), (metric, j)
+
+
+def test_cell_cap_is_exact_when_no_condition_exceeds_it(demo_pair):
+    truth, pred, control, _ = demo_pair
+    exact = perturbench_metrics(pred, truth, control, n_deg=20, pca_components=10)
+    capped = perturbench_metrics(pred, truth, control, n_deg=20, pca_components=10, options={"max_cells_per_condition": 1000})
+    pd.testing.assert_frame_equal(exact, capped)
+    small = perturbench_metrics(pred, truth, control, n_deg=20, pca_components=10, options={"max_cells_per_condition": 20})
+    assert not np.allclose(small["mmd_gex"], exact["mmd_gex"])
+    pd.testing.assert_series_equal(small["rmse_average"], exact["rmse_average"])  # only the MMDs are capped

@@ -1,11 +1,16 @@
 """PerturBench's evaluation metrics (as used by PRiMeFlow), re-implemented from its definitions.
 
-Reference: altoslabs/perturbench, upstream commit ``9f03fc0`` (2026-01-08, "Rename op3 configs"),
-files ``src/perturbench/analysis/benchmarks/{metrics,aggregation,evaluation}.py``,
+Reference: altoslabs/perturbench, the later release (commit ``fc13a8c``; ``metrics.py``,
+``aggregation.py``, ``evaluation.py`` and ``embed_cells.py`` as stored at ``c84038b``, whose content
+``fc13a8c`` shares), files ``src/perturbench/analysis/benchmarks/{metrics,aggregation,evaluation}.py``,
 ``src/perturbench/analysis/embed_cells.py`` and ``src/perturbench/modelcore/models/base.py``
-(``test_step`` / ``on_test_end``: the path that writes PerturBench's ``summary.csv``).
-No PerturBench code is used or copied; every quantity is computed here with numpy/scipy (plus
-scanpy's own ``rank_genes_groups``, which is the DE test PerturBench calls).
+(``test_step`` / ``on_test_end``: the path that writes PerturBench's ``summary.csv``). The first
+release (``4dd6a03`` / ``d357dfa``) has no MMD, PCA or DEG-recall metric at all, and its ranks are
+normalised by ``n`` instead of ``n - 1`` (option ``rank_normalisation``).
+No PerturBench code is used or copied; every quantity is computed here with numpy/scipy. The DE
+test PerturBench calls (scanpy's ``rank_genes_groups``, ``t-test_overestim_var``) is computed from
+per-condition means and variances exactly as scanpy computes them (``_get_mean_var`` then
+``scipy.stats.ttest_ind_from_stats``), without stacking the cells into a new AnnData.
 
 Per non-control condition ``p`` (predicted cells ``P_p``, true cells ``T_p``, true control cells
 ``C``; PerturBench replaces the prediction's control cells by the reference's, ``base.py:test_step``,
@@ -20,18 +25,19 @@ so the control is always the *true* control here):
     geomloss ``SamplesLoss(loss="energy", p=2)`` on the cells' gene vectors, i.e. with uniform
     weights ``E|x-y| - E|x-x'|/2 - E|y-y'|/2`` (V-statistic, diagonal included, distances taken as
     ``sqrt(max(d**2, 1e-8))`` like geomloss's tensorised backend) = half the energy distance.
-    Computed exactly in float64 with numpy. geomloss itself works in float32 via
+    Computed exactly in float64 by default (``distance_dtype``). geomloss itself works in float32 via
     ``|x|^2 + |y|^2 - 2x.y``, so its zero self-distances come out as sqrt(round-off) rather than
     1e-4; its self terms are slightly too large, so its MMD is slightly too low (by ~2e-4 on
     40-gene toy data, more with more genes), which this exact computation does not reproduce.
 ``mmd_pca``  (``pca`` / ``mmd``; ``aggregation.py:_pca_helper``, ``embed_cells.py:train_pca``)
     the same energy MMD after projecting every cell onto PCs fitted on the **truth AnnData (all of
-    its cells: the test conditions plus the control cells)**, never on the prediction:
+    its cells: the test conditions plus the control cells, of every covariate group)**, never on the
+    prediction:
     ``(x - mean_truth) @ loadings.T``. Like ``sc.tl.pca`` (which PerturBench calls with defaults),
     the PCA uses only ``var["highly_variable"]`` genes when the truth has that column.
 ``deg_recall``  (``scores`` / ``top_k_recall``; ``aggregation.py:_differential_expression_helper``)
     scanpy ``rank_genes_groups(groupby=condition, reference=control,
-    method="t-test_overestim_var")`` t-scores, +-inf -> 0, for truth (true cells vs true control)
+    method="t-test_overestim_var")`` t-scores (NaN -> 0 as scanpy), +-inf -> 0, for truth (true cells vs true control)
     and for the prediction (predicted cells vs true control); recall =
     ``|top_k(|score_pred|) & top_k(|score_truth|)| / k`` with ``k = n_deg`` (PerturBench: 50),
     over all genes. The denominator is ``k`` even when fewer genes exist (as in PerturBench).
@@ -40,18 +46,28 @@ Rank metrics (``metrics.py:rank_helper``, ``evaluation.py:evaluate_rank``): the 
 ``M[i, j] = metric(prediction of condition i, truth of condition j)`` is built for all pairs.
 
 * ``<metric>_rank`` -- PerturBench's ``rank`` (the value its summary reports as ``*_rank_*`` and
-  PRiMeFlow tabulates): for each **true** condition ``j``, the position of prediction ``j`` among
-  all predictions ordered by ``M[:, j]`` (best first), divided by ``n - 1``.
+  PRiMeFlow tabulates): for each **true** condition ``j``, the 0-based position of prediction ``j``
+  among all predictions ordered by ``M[:, j]`` (best first), divided by ``n - 1`` (later release,
+  ``rank_helper``: ``rel_ranks / (len(rel_ranks) - 1)`` when ``n > 1``; with ``rank_normalisation:
+  n``, by ``n`` as the first release's ``rel_ranks / len(rel_ranks)``).
 * ``<metric>_rank_transpose`` -- PerturBench's ``rank_transpose`` (``rank_helper(mat.T)``): for
   each **predicted** condition ``i``, the position of truth ``i`` among all truths ordered by
-  ``M[i, :]``, divided by ``n - 1``.
+  ``M[i, :]``, with the same normalisation.
 
-0 = the matching condition is best, 1 = worst, ~0.5 = random. "Best" is the largest value for
-similarities (cosine, recall) and the smallest for distances (RMSE, MMD); NaN sorts last.
-PerturBench shuffles (unseeded) before sorting to break ties; here the shuffle is seeded
-(``seed``) and the sort stable, so ties are broken uniformly at random but reproducibly. With a
-single condition the rank is 0 (PerturBench skips the division then). The per-condition value of a
-metric is the diagonal ``M[p, p]``, which is exactly PerturBench's ``compare_perts`` value.
+0 = the matching condition is best; with ``n - 1``, 1 = worst and ~0.5 = random. "Best" is the
+largest value for similarities (cosine, recall) and the smallest for distances (RMSE, MMD); NaN
+sorts last. PerturBench shuffles (unseeded) before sorting to break ties, which puts the matching
+condition uniformly among the values tied with it; here that uniform draw is made directly (seeded by
+``seed``), for all conditions at once. With a single condition the rank is 0. The per-condition
+value of a metric is the diagonal ``M[p, p]``, which is exactly PerturBench's ``compare_perts`` value.
+
+At scale: nothing is copied per condition (conditions are index arrays into the two matrices; inputs
+stay in their float32), group means/variances and the PCA covariance are accumulated in float64 row
+blocks, the two energy matrices come from one blockwise pass over all (predicted, true) cell pairs
+(numpy, or torch on a CUDA device) whose distance blocks are summed per (condition, condition) tile,
+and the recall and rank matrices are single array operations. Settings that trade exactness for size
+(:class:`Options`: ``distance_dtype``, ``max_cells_per_condition``) default to the exact path and are
+recorded in the summary's ``settings`` column.
 
 PerturBench evaluates each covariate (e.g. cell line) separately: with ``group_by`` (the truth's
 ``uns['group_by']``) :func:`perturbench_metrics_by_group` scores each group against its own true
@@ -63,7 +79,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import json
 import zlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import anndata as ad
@@ -87,6 +105,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
 RANK_SUFFIXES = ("_rank", "_rank_transpose")
 CONDITION_COLUMN = "condition"
 SUMMARY_COLUMNS = ("metric", "count", "mean", "std", "min", "q25", "median", "q75", "max")
+SETTINGS_COLUMN = "settings"  # perturbench.csv's last column: the Options used (JSON)
 LOGFC_PSEUDOCOUNT = 0.1  # aggregation.py: aggregate_adata(pseudocount=0.1)
 DE_METHOD = "t-test_overestim_var"  # aggregation.py: aggregate_adata(de_method=...)
 _DIST_CLAMP = 1e-8  # geomloss: distances = sqrt(clamp_min(squared_distances, 1e-8))
@@ -120,10 +139,6 @@ def _labels(adata: ad.AnnData, pert_col: str, control_label: str, source: str) -
     return labels.astype(str).to_numpy()
 
 
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
-
-
 def _validate(
     pred: ad.AnnData,
     truth: ad.AnnData,
@@ -131,6 +146,7 @@ def _validate(
     pert_col: str,
     pred_source: str,
     truth_source: str,
+    block: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Check the pair of AnnData objects; return (pred labels, truth labels, sorted conditions)."""
     truth_labels = _labels(truth, pert_col, control_label, truth_source)
@@ -172,17 +188,163 @@ def _validate(
     if np.count_nonzero(truth_labels == control_label) < 2:
         raise PipelineInputError(truth_source, f"obs['{pert_col}']", "fewer than 2 control cells")
     for adata, source in ((truth, truth_source), (pred, pred_source)):
-        x = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
-        if not np.all(np.isfinite(x)):
-            raise PipelineInputError(source, "X", "non-finite value(s) (NaN or inf)")
+        x = adata.X.data[None, :] if sp.issparse(adata.X) else adata.X
+        for i0 in range(0, x.shape[0], block):  # in row blocks: no full-size temporary
+            if not np.all(np.isfinite(x[i0 : i0 + block])):
+                raise PipelineInputError(source, "X", "non-finite value(s) (NaN or inf)")
     return pred_labels, truth_labels, sorted(truth_conds)
 
 
+# --------------------------------------------------------------------------- options
+
+
+RANK_NORMALISATIONS = ("n_minus_1", "n")
+DISTANCE_DTYPES = ("float64", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Settings of the computation (``scoring.perturbench`` in the config); defaults are the exact path.
+
+    rank_normalisation: ``n_minus_1`` = PerturBench's later release (``metrics.py:rank_helper`` at
+        c84038b / fc13a8c: position / (n - 1), n > 1), the release whose MMD / PCA / DEG-recall metrics
+        PRiMeFlow reports; ``n`` = its first release (4dd6a03 / d357dfa: position / n).
+    distance_dtype: dtype of the pairwise-distance products of ``mmd_gex`` / ``mmd_pca``. ``float64`` is
+        exact; ``float32`` is ~2x faster and carries float32 round-off (as geomloss, PerturBench's own
+        MMD, does). Inputs are never cast as a whole: blocks are cast as they are used.
+    max_cells_per_condition: ``None`` = all cells (exact). An integer caps the cells of each (predicted
+        and true) condition entering the two MMDs at a seeded random subsample (every other metric uses
+        all cells); not PerturBench's definition, for sizes where the n_pred x n_truth sums are too big.
+    block_size: rows per block of the blockwise pairwise sums (memory ~ block_size^2 x 8 bytes).
+    device: ``auto`` (CUDA through torch when available, else numpy), ``cpu`` or ``cuda``.
+    """
+
+    rank_normalisation: str = "n_minus_1"
+    distance_dtype: str = "float64"
+    max_cells_per_condition: int | None = None
+    block_size: int = _BLOCK
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        where = "scoring.perturbench"
+        if self.rank_normalisation not in RANK_NORMALISATIONS:
+            raise PipelineInputError(where, "rank_normalisation", f"must be one of {RANK_NORMALISATIONS}, got {self.rank_normalisation!r}")
+        if self.distance_dtype not in DISTANCE_DTYPES:
+            raise PipelineInputError(where, "distance_dtype", f"must be one of {DISTANCE_DTYPES}, got {self.distance_dtype!r}")
+        if self.device not in DEVICES:
+            raise PipelineInputError(where, "device", f"must be one of {DEVICES}, got {self.device!r}")
+        m = self.max_cells_per_condition
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2):
+            raise PipelineInputError(where, "max_cells_per_condition", f"must be null or an integer >= 2, got {m!r}")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise PipelineInputError(where, "block_size", f"must be an integer >= 1, got {b!r}")
+
+    @classmethod
+    def from_config(cls, options: dict | None) -> "Options":
+        """From a ``scoring.perturbench`` mapping (other keys of it, e.g. ``seed``, are ignored here)."""
+        options = dict(options or {})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names})
+
+    def record(self) -> dict:
+        """What the summary's ``settings`` column records (the result-changing settings and the backend)."""
+        return {
+            "rank_normalisation": self.rank_normalisation,
+            "distance_dtype": self.distance_dtype,
+            "max_cells_per_condition": self.max_cells_per_condition,
+            "backend": _backend(self.device),
+        }
+
+
+def _backend(device: str) -> str:
+    if device == "cpu":
+        return "numpy"
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        return "torch-cuda"
+    if device == "cuda":
+        raise PipelineInputError("scoring.perturbench", "device", "cuda asked for but torch sees no CUDA device")
+    return "numpy"
+
+
+# --------------------------------------------------------------------------- cells grouped by condition
+
+
+def _rows(x, idx: np.ndarray, dtype=None) -> np.ndarray:
+    """Dense rows ``idx`` of ``x`` (one block; the whole matrix is never copied)."""
+    block = x[idx]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return block if dtype is None or block.dtype == dtype else block.astype(dtype)
+
+
+@dataclass
+class _Cells:
+    """Rows of one matrix that belong to conditions ``0..C-1``, ordered by condition (indices only)."""
+
+    x: object
+    rows: np.ndarray  # indices into x, sorted by condition
+    codes: np.ndarray  # condition code of each sorted row
+    counts: np.ndarray  # (C,)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
+    @classmethod
+    def of(cls, x, labels: np.ndarray, conditions: list[str], candidates: np.ndarray) -> "_Cells":
+        codes = pd.Categorical(labels[candidates], categories=conditions).codes.astype(np.int64)
+        keep = codes >= 0
+        rows, codes = candidates[keep], codes[keep]
+        order = np.argsort(codes, kind="stable")
+        return cls(x, rows[order], codes[order], np.bincount(codes, minlength=len(conditions)))
+
+    def subsample(self, m: int | None, rng: np.random.Generator) -> "_Cells":
+        """At most ``m`` rows per condition, drawn without replacement (seeded); ``None`` = all rows."""
+        if m is None or self.counts.max(initial=0) <= m:
+            return self
+        offsets = self.offsets
+        keep = []
+        for c in range(len(self.counts)):
+            n = int(self.counts[c])
+            pick = np.arange(n) if n <= m else np.sort(rng.choice(n, size=m, replace=False))
+            keep.append(offsets[c] + pick)
+        keep = np.concatenate(keep)
+        return _Cells(self.x, self.rows[keep], self.codes[keep], np.minimum(self.counts, m))
+
+
+def _segments(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique codes, start of each run) of a sorted code array."""
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return codes[starts], starts
+
+
+def _stats(cells: _Cells, n_genes: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-condition mean and scanpy variance ``(C, G)`` float64, in row blocks.
+
+    As scanpy's ``_get_mean_var`` (what ``rank_genes_groups`` uses): mean and mean of the element-wise
+    squares in the input dtype, both accumulated in float64, ``var = (E[x^2] - E[x]^2) * n / (n - 1)``.
+    """
+    n_cond = len(cells.counts)
+    sums = np.zeros((n_cond, n_genes))
+    sq = np.zeros((n_cond, n_genes))
+    for i0 in range(0, len(cells.rows), block):
+        xb = _rows(cells.x, cells.rows[i0 : i0 + block])
+        uniq, starts = _segments(cells.codes[i0 : i0 + block])
+        sums[uniq] += np.add.reduceat(xb, starts, axis=0, dtype=np.float64)
+        sq[uniq] += np.add.reduceat(xb * xb, starts, axis=0, dtype=np.float64)
+    n = cells.counts[:, None].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = sums / n
+        var = (sq / n - mean**2) * np.where(n > 1, n / (n - 1), 1.0)
+    return mean, var
+
+
 # --------------------------------------------------------------------------- aggregations
-
-
-def _group_means(x: np.ndarray, labels: np.ndarray, conditions: list[str]) -> np.ndarray:
-    return np.stack([x[labels == c].mean(axis=0) for c in conditions])
 
 
 def _logfc(means: np.ndarray, control_mean: np.ndarray) -> np.ndarray:
@@ -192,51 +354,79 @@ def _logfc(means: np.ndarray, control_mean: np.ndarray) -> np.ndarray:
     return np.nan_to_num(lfc, nan=0.0, posinf=np.inf, neginf=-np.inf)
 
 
-def _fit_pca(x_truth: np.ndarray, n_comps: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """PCA fitted on the truth cells: (centering mean over all genes, loadings (k, n_genes)).
+def fit_pca(x, rows: np.ndarray, n_comps: int, mask: np.ndarray | None, block: int = _BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the cells ``rows`` of ``x``: (centering mean over all genes, loadings (k, n_genes)).
 
-    Loadings of genes outside ``mask`` are 0, as in ``sc.tl.pca`` with a highly-variable mask.
+    The principal axes are the top eigenvectors of the covariance, accumulated in float64 row blocks
+    (no centred copy of the data); they span the same subspace as ``sc.tl.pca``'s, and every distance
+    in PC space depends only on that subspace. Loadings of genes outside ``mask`` are 0, as in
+    ``sc.tl.pca`` with a highly-variable mask.
     """
-    mean = x_truth.mean(axis=0)
-    cols = np.flatnonzero(mask) if mask is not None else np.arange(x_truth.shape[1])
-    xc = x_truth[:, cols] - mean[cols]
-    k = min(n_comps, xc.shape[0], xc.shape[1])
+    n_genes = x.shape[1]
+    cols = np.flatnonzero(mask) if mask is not None else np.arange(n_genes)
+    total = np.zeros(n_genes)
+    for i0 in range(0, len(rows), block):
+        total += _rows(x, rows[i0 : i0 + block]).sum(axis=0, dtype=np.float64)
+    mean = total / len(rows)
+    cov = np.zeros((len(cols), len(cols)))
+    for i0 in range(0, len(rows), block):
+        xc = _rows(x, rows[i0 : i0 + block], np.float64)[:, cols] - mean[cols]
+        cov += xc.T @ xc
+    k = min(n_comps, len(rows), len(cols))
     if k < n_comps:
-        logger.warning("pca_components=%d capped to %d (truth has %d cells x %d PCA genes)", n_comps, k, *xc.shape)
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    loadings = np.zeros((k, x_truth.shape[1]))
-    loadings[:, cols] = vt[:k]
+        logger.warning("pca_components=%d capped to %d (truth has %d cells x %d PCA genes)", n_comps, k, len(rows), len(cols))
+    w, v = np.linalg.eigh(cov)
+    top = np.argsort(w)[::-1][:k]
+    loadings = np.zeros((k, n_genes))
+    loadings[:, cols] = v[:, top].T
     return mean, loadings
 
 
-def _t_scores(x: np.ndarray, labels: np.ndarray, conditions: list[str], control_label: str, genes: pd.Index) -> np.ndarray:
-    """scanpy t-test_overestim_var scores of each condition vs control, +-inf -> 0; (n_cond, n_genes)."""
-    import scanpy as sc
-
-    adata = ad.AnnData(
-        X=x,
-        obs=pd.DataFrame({"_group": pd.Categorical(labels)}, index=[str(i) for i in range(len(labels))]),
-        var=pd.DataFrame(index=genes),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.tl.rank_genes_groups(
-            adata,
-            groupby="_group",
-            groups=conditions,
-            reference=control_label,
-            method=DE_METHOD,
-            use_raw=False,
-            n_genes=adata.n_vars,
-            key_added="_de",
-        )
-    result = adata.uns["_de"]  # recarrays: one field per group, genes sorted by score
-    out = np.empty((len(conditions), len(genes)))
-    for i, cond in enumerate(conditions):
-        scores = pd.Series(np.asarray(result["scores"][cond], dtype=np.float64), index=np.asarray(result["names"][cond]))
-        out[i] = scores.reindex(genes).to_numpy()
-    out[np.isinf(out)] = 0.0
+def _project(cells: _Cells, mean: np.ndarray, loadings: np.ndarray, block: int) -> np.ndarray:
+    """PC coordinates of the sorted rows of ``cells``: ``(x - mean) @ loadings.T`` (float64, (n, k))."""
+    out = np.empty((len(cells.rows), loadings.shape[0]))
+    for i0 in range(0, len(cells.rows), block):
+        out[i0 : i0 + block] = (_rows(cells.x, cells.rows[i0 : i0 + block], np.float64) - mean) @ loadings.T
     return out
+
+
+def _t_scores(mean: np.ndarray, var: np.ndarray, counts: np.ndarray, ctrl_mean: np.ndarray, ctrl_var: np.ndarray) -> np.ndarray:
+    """scanpy ``t-test_overestim_var`` of every condition vs control, NaN -> 0 (scanpy), +-inf -> 0 (PerturBench).
+
+    ``scipy.stats.ttest_ind_from_stats(mean, sqrt(var), n, ctrl_mean, sqrt(ctrl_var), n, equal_var=False)``
+    with the group's own ``n`` for both sides, exactly as scanpy's ``_RankGenes.t_test`` calls it.
+    """
+    from scipy import stats
+
+    n = counts[:, None].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores, _ = stats.ttest_ind_from_stats(
+            mean1=mean, std1=np.sqrt(var), nobs1=n, mean2=ctrl_mean[None, :], std2=np.sqrt(ctrl_var)[None, :],
+            nobs2=n, equal_var=False,
+        )
+    scores = np.asarray(scores, dtype=np.float64)
+    scores[np.isnan(scores)] = 0.0
+    scores[np.isinf(scores)] = 0.0
+    return scores
+
+
+def _top_k_mask(scores: np.ndarray, k: int, genes: pd.Index) -> np.ndarray:
+    """Boolean (C, G): the k genes with largest |score| per row.
+
+    PerturBench pivots DE results with genes as columns (sorted by name) and takes
+    ``np.argsort(|s|)[::-1][:k]``; the same order is used here, with a stable sort so ties resolve
+    deterministically (later name first among equal |score|).
+    """
+    order = np.argsort(np.asarray(genes, dtype=str), kind="stable")
+    top = np.argsort(np.abs(scores[:, order]), axis=1, kind="stable")[:, ::-1][:, :k]
+    mask = np.zeros(scores.shape, dtype=bool)
+    mask[np.arange(scores.shape[0])[:, None], order[top]] = True
+    return mask
+
+
+def _recall_matrix(pred_top: np.ndarray, truth_top: np.ndarray, k: int) -> np.ndarray:
+    """M[i, j] = |top_k(pred i) & top_k(truth j)| / k (one matrix product of 0/1 masks; exact)."""
+    return (pred_top.astype(np.float32) @ truth_top.T.astype(np.float32)).astype(np.float64) / k
 
 
 # --------------------------------------------------------------------------- pairwise metrics
@@ -248,49 +438,127 @@ def _cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    na, nb = (a * a).sum(1), (b * b).sum(1)
+    sq = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
+    # where the expansion cancels (near-identical means), take the difference itself
+    i, j = np.nonzero(sq <= 1e-6 * (na[:, None] + nb[None, :]))
+    for s in range(0, len(i), 4096):
+        sl = slice(s, s + 4096)
+        sq[i[sl], j[sl]] = ((a[i[sl]] - b[j[sl]]) ** 2).sum(1)
     return np.sqrt(np.maximum(sq, 0.0) / a.shape[1])
 
 
-def _mean_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean over all pairs of sqrt(max(|x_i - y_j|^2, 1e-8)), in row blocks."""
-    yy = (y * y).sum(1)
-    total = 0.0
-    for start in range(0, x.shape[0], _BLOCK):
-        xb = x[start : start + _BLOCK]
-        sq = (xb * xb).sum(1)[:, None] + yy[None, :] - 2.0 * (xb @ y.T)
-        total += float(np.sqrt(np.maximum(sq, _DIST_CLAMP)).sum())
-    return total / (x.shape[0] * y.shape[0])
+class _Points:
+    """Sorted rows of one side of an energy distance, served in blocks of the compute dtype."""
+
+    def __init__(self, cells: _Cells, dtype, center: np.ndarray | None = None, coords: np.ndarray | None = None):
+        self.codes, self.counts, self.offsets = cells.codes, cells.counts, cells.offsets
+        self._cells, self._dtype, self._coords = cells, dtype, coords
+        self._center = None if center is None else center.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def block(self, i0: int, i1: int) -> np.ndarray:
+        if self._coords is not None:
+            return self._coords[i0:i1].astype(self._dtype, copy=False)
+        b = _rows(self._cells.x, self._cells.rows[i0:i1], self._dtype)
+        return b - self._center if self._center is not None else b
 
 
-def _energy_matrix(pred_sets: list[np.ndarray], truth_sets: list[np.ndarray]) -> np.ndarray:
-    """M[i, j] = geomloss energy loss between predicted set i and true set j."""
-    self_pred = np.array([_mean_distance(p, p) for p in pred_sets])
-    self_truth = np.array([_mean_distance(t, t) for t in truth_sets])
-    out = np.empty((len(pred_sets), len(truth_sets)))
-    for i, p in enumerate(pred_sets):
-        for j, t in enumerate(truth_sets):
-            out[i, j] = _mean_distance(p, t) - 0.5 * self_pred[i] - 0.5 * self_truth[j]
+class _Kernel:
+    """sqrt(max(|a_i - b_j|^2, 1e-8)) blocks and their per-condition sums, on numpy or torch (CUDA)."""
+
+    def __init__(self, backend: str):
+        self.torch = None
+        if backend == "torch-cuda":
+            import torch
+
+            self.torch, self.device = torch, torch.device("cuda")
+
+    def dist(self, a, b, na, nb, zero_diagonal: bool):
+        if self.torch is not None:
+            a, b = self.torch.as_tensor(a, device=self.device), self.torch.as_tensor(b, device=self.device)
+            na, nb = self.torch.as_tensor(na, device=self.device), self.torch.as_tensor(nb, device=self.device)
+            d2 = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
+            if zero_diagonal:
+                d2.fill_diagonal_(0.0)
+            return self.torch.sqrt(self.torch.clamp_min(d2, _DIST_CLAMP))
+        d2 = a @ b.T
+        d2 *= -2.0
+        d2 += na[:, None]
+        d2 += nb[None, :]
+        if zero_diagonal:
+            np.fill_diagonal(d2, 0.0)  # the exact |x - x| = 0, which the expansion only approximates
+        np.maximum(d2, _DIST_CLAMP, out=d2)
+        return np.sqrt(d2, out=d2)
+
+    def total(self, d) -> float:
+        if self.torch is not None:
+            return float(d.sum(dtype=self.torch.float64))
+        return float(d.sum(dtype=np.float64))
+
+    def segment_sums(self, d, codes_a: np.ndarray, codes_b: np.ndarray):
+        """(unique a codes, unique b codes, float64 sums of d over each (a condition, b condition) tile)."""
+        ua, sa = _segments(codes_a)
+        ub, sb = _segments(codes_b)
+        if self.torch is not None:
+            t = self.torch
+            ia = t.as_tensor(np.repeat(np.arange(len(ua)), np.diff(np.r_[sa, len(codes_a)])), device=self.device)
+            ib = t.as_tensor(np.repeat(np.arange(len(ub)), np.diff(np.r_[sb, len(codes_b)])), device=self.device)
+            rows = t.zeros((len(ua), d.shape[1]), dtype=t.float64, device=self.device).index_add_(0, ia, d.double())
+            tiles = t.zeros((len(ua), len(ub)), dtype=t.float64, device=self.device).index_add_(1, ib, rows)
+            return ua, ub, tiles.cpu().numpy()
+        rows = np.add.reduceat(d, sa, axis=0, dtype=np.float64)
+        return ua, ub, np.add.reduceat(rows, sb, axis=1)
+
+
+def _sq_norms(a):
+    return (a * a).sum(axis=1)
+
+
+def _self_means(points: _Points, kernel: _Kernel, block: int) -> np.ndarray:
+    """Per condition c: mean over all ordered pairs (diagonal included) of cells of c."""
+    out = np.zeros(len(points.counts))
+    offsets = points.offsets
+    for c in range(len(points.counts)):
+        o0, o1 = int(offsets[c]), int(offsets[c + 1])
+        total = 0.0
+        for a0 in range(o0, o1, block):
+            a = points.block(a0, min(a0 + block, o1))
+            na = _sq_norms(a)
+            for b0 in range(a0, o1, block):
+                if b0 == a0:
+                    total += kernel.total(kernel.dist(a, a, na, na, zero_diagonal=True))
+                else:
+                    b = points.block(b0, min(b0 + block, o1))
+                    total += 2.0 * kernel.total(kernel.dist(a, b, na, _sq_norms(b), zero_diagonal=False))
+        n = o1 - o0
+        out[c] = total / (n * n) if n else np.nan
     return out
 
 
-def _top_k_sets(scores: np.ndarray, k: int, genes: pd.Index) -> list[set[int]]:
-    """Indices of the k genes with largest |score| per row.
+def energy_matrix(pred: _Points, truth: _Points, kernel: _Kernel, block: int) -> np.ndarray:
+    """M[i, j] = geomloss energy loss between predicted set i and true set j, for all pairs at once.
 
-    PerturBench pivots DE results with genes as columns (sorted by name) and takes
-    ``np.argsort(|s|)[::-1][:k]``; the same order is used here, with a stable sort so ties resolve
-    deterministically (later name first among equal |score|).
+    ``E|x-y| - E|x-x'|/2 - E|y-y'|/2`` with ``|.| = sqrt(max(d^2, 1e-8))``: the cross sums come from one
+    blockwise pass over (all predicted cells) x (all true cells), each distance block summed per
+    (condition, condition) tile; the self terms from each condition's own blocks.
     """
-    order = np.argsort(np.asarray(genes, dtype=str), kind="stable")
-    sets = []
-    for row in scores:
-        top = np.argsort(np.abs(row[order]), kind="stable")[::-1][:k]
-        sets.append(set(order[top].tolist()))
-    return sets
-
-
-def _recall_matrix(pred_sets: list[set[int]], truth_sets: list[set[int]], k: int) -> np.ndarray:
-    return np.array([[len(p & t) / k for t in truth_sets] for p in pred_sets], dtype=np.float64)
+    cross = np.zeros((len(pred.counts), len(truth.counts)))
+    for i0 in range(0, len(pred), block):
+        i1 = min(i0 + block, len(pred))
+        a = pred.block(i0, i1)
+        na = _sq_norms(a)
+        for j0 in range(0, len(truth), block):
+            j1 = min(j0 + block, len(truth))
+            b = truth.block(j0, j1)
+            d = kernel.dist(a, b, na, _sq_norms(b), zero_diagonal=False)
+            ua, ub, tiles = kernel.segment_sums(d, pred.codes[i0:i1], truth.codes[j0:j1])
+            cross[np.ix_(ua, ub)] += tiles
+    n_p, n_t = pred.counts.astype(np.float64), truth.counts.astype(np.float64)
+    self_p, self_t = _self_means(pred, kernel, block), _self_means(truth, kernel, block)
+    return cross / np.outer(n_p, n_t) - 0.5 * self_p[:, None] - 0.5 * self_t[None, :]
 
 
 # --------------------------------------------------------------------------- ranks
@@ -300,27 +568,114 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]))
 
 
-def rank_columns(mat: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """PerturBench's ``rank_helper``: for each column j, rank of row j among all rows of column j.
+def rank_columns(mat: np.ndarray, kind: str, rng: np.random.Generator, normalisation: str = "n_minus_1") -> np.ndarray:
+    """PerturBench's ``rank_helper`` on a square matrix: for each column j, the rank of row j in column j.
 
-    Rows are shuffled with ``rng`` and then sorted stably (best first: descending for
-    ``"similarity"``, ascending for ``"distance"``; NaN last); the 0-based position of row ``j``
-    is divided by ``n - 1`` (``n`` = number of rows; 0 when ``n == 1``).
+    Upstream (``metrics.py:rank_helper``) shuffles column j, sorts it (best first: descending for
+    ``"similarity"``, ascending for ``"distance"``; NaN last) and takes the 0-based position of row j;
+    after a uniform shuffle that position is ``#better + U`` with ``U`` uniform on ``0..#tied`` (the
+    other rows equal to ``M[j, j]``; NaN ties with NaN and is worse than any number). This computes
+    exactly that, for all columns at once, drawing ``U`` from ``rng``. The position is divided by
+    ``n - 1`` (``normalisation="n_minus_1"``: the later release, 0 when ``n == 1``) or by ``n``
+    (``"n"``: the first release); ``n`` = number of columns.
     """
     if kind not in ("similarity", "distance"):
         raise ValueError(f"kind must be 'similarity' or 'distance', got {kind!r}")
+    if normalisation not in RANK_NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {RANK_NORMALISATIONS}, got {normalisation!r}")
+    mat = np.asarray(mat, dtype=np.float64)
     n_rows, n_cols = mat.shape
-    ranks = np.zeros(n_cols)
-    for j in range(n_cols):
-        perm = rng.permutation(n_rows)
-        values = mat[perm, j]
-        key = -values if kind == "similarity" else values  # NaN stays NaN: argsort puts it last
-        order = perm[np.argsort(key, kind="stable")]
-        ranks[j] = float(np.flatnonzero(order == j)[0])
-    return ranks / (n_rows - 1) if n_rows > 1 else ranks
+    if n_rows != n_cols:
+        raise ValueError(f"rank_columns needs a square matrix, got {mat.shape}")
+    key = -mat if kind == "similarity" else mat  # smaller is better
+    target = np.diag(key)
+    nan = np.isnan(key)
+    target_nan = np.isnan(target)
+    with np.errstate(invalid="ignore"):
+        better = np.where(target_nan, (~nan).sum(axis=0), (key < target[None, :]).sum(axis=0))
+        ties = np.where(target_nan, nan.sum(axis=0), (key == target[None, :]).sum(axis=0)) - 1
+    position = (better + rng.integers(0, ties + 1)).astype(np.float64)
+    if normalisation == "n":
+        return position / n_cols
+    return position / (n_cols - 1) if n_cols > 1 else position
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def _score_group(
+    pred_x, pred_labels: np.ndarray, pred_rows: np.ndarray,
+    truth_x, truth_labels: np.ndarray, truth_rows: np.ndarray,
+    control_label: str, conditions: list[str], genes: pd.Index, pca: tuple[np.ndarray, np.ndarray],
+    seed: int, n_deg: int, opts: Options,
+) -> pd.DataFrame:
+    """All metrics for the conditions of one group: predicted rows vs true rows vs that group's true controls."""
+    block = int(opts.block_size)
+    n_genes = len(genes)
+    p_cells = _Cells.of(pred_x, pred_labels, conditions, pred_rows)
+    t_cells = _Cells.of(truth_x, truth_labels, conditions, truth_rows)
+    ctrl = _Cells.of(truth_x, truth_labels, [control_label], truth_rows)
+    for cells, what in ((p_cells, "predicted"), (t_cells, "true")):
+        few = [c for c, n in zip(conditions, cells.counts) if n < 2]
+        if few:  # the t-test needs a variance, the energy self-terms pairs
+            raise PipelineInputError("perturbench_metrics()", "obs (condition, group)", f"condition(s) with fewer than 2 {what} cells in their group: {few[:5]}")
+
+    p_mean, p_var = _stats(p_cells, n_genes, block)
+    t_mean, t_var = _stats(t_cells, n_genes, block)
+    c_mean, c_var = _stats(ctrl, n_genes, block)
+    c_mean, c_var = c_mean[0], c_var[0]
+
+    mats: dict[str, np.ndarray] = {}
+    mats["cosine_logfc"] = _cosine_matrix(_logfc(p_mean, c_mean), _logfc(t_mean, c_mean))
+    mats["rmse_average"] = _rmse_matrix(p_mean, t_mean)
+
+    backend = _backend(opts.device)
+    kernel = _Kernel(backend)
+    dtype = np.dtype(opts.distance_dtype)
+    rng = _rng(seed, "max_cells_per_condition")
+    p_e = p_cells.subsample(opts.max_cells_per_condition, rng)
+    t_e = t_cells.subsample(opts.max_cells_per_condition, rng)
+    pc_mean, loadings = pca
+    # centring on the truth's mean leaves every distance unchanged and keeps |x|^2 small (round-off)
+    mats["mmd_gex"] = energy_matrix(_Points(p_e, dtype, center=pc_mean), _Points(t_e, dtype, center=pc_mean), kernel, block)
+    mats["mmd_pca"] = energy_matrix(
+        _Points(p_e, dtype, coords=_project(p_e, pc_mean, loadings, block)),
+        _Points(t_e, dtype, coords=_project(t_e, pc_mean, loadings, block)),
+        kernel, block,
+    )
+
+    k = int(n_deg)
+    pred_top = _top_k_mask(_t_scores(p_mean, p_var, p_cells.counts, c_mean, c_var), k, genes)
+    truth_top = _top_k_mask(_t_scores(t_mean, t_var, t_cells.counts, c_mean, c_var), k, genes)
+    mats["deg_recall"] = _recall_matrix(pred_top, truth_top, k)
+
+    out = pd.DataFrame({CONDITION_COLUMN: conditions})
+    for name, (_, _, kind) in METRICS.items():
+        mat = mats[name]
+        out[name] = np.diag(mat)
+        out[name + "_rank"] = rank_columns(mat, kind, _rng(seed, name + "_rank"), opts.rank_normalisation)
+        out[name + "_rank_transpose"] = rank_columns(
+            mat.T, kind, _rng(seed, name + "_rank_transpose"), opts.rank_normalisation
+        )
+    return out
+
+
+def _check_args(n_deg, pca_components) -> None:
+    if isinstance(n_deg, bool) or not isinstance(n_deg, (int, np.integer)) or n_deg < 1:
+        raise PipelineInputError("perturbench_metrics()", "n_deg", f"must be an integer >= 1, got {n_deg!r}")
+    if isinstance(pca_components, bool) or not isinstance(pca_components, (int, np.integer)) or pca_components < 1:
+        raise PipelineInputError(
+            "perturbench_metrics()", "pca_components", f"must be an integer >= 1, got {pca_components!r}"
+        )
+
+
+def _hvg_mask(truth: ad.AnnData, truth_source: str) -> np.ndarray | None:
+    if "highly_variable" not in truth.var.columns:
+        return None
+    mask = truth.var["highly_variable"].to_numpy(dtype=bool)
+    if not mask.any():
+        raise PipelineInputError(truth_source, "var['highly_variable']", "no gene is marked highly variable")
+    return mask
 
 
 def perturbench_metrics(
@@ -334,6 +689,7 @@ def perturbench_metrics(
     *,
     pred_source: str = "prediction",
     truth_source: str = "truth",
+    options: Options | dict | None = None,
 ) -> pd.DataFrame:
     """Score a prediction with PerturBench's metrics (see the module docstring for definitions).
 
@@ -344,11 +700,12 @@ def perturbench_metrics(
         truth: Real cells of the scored conditions plus real control cells; log-normalised ``.X``.
         control_label: Label of the control cells in ``obs[pert_col]``.
         pert_col: ``obs`` column holding condition labels in both objects.
-        seed: Seed of the tie-breaking shuffle in the rank metrics.
+        seed: Seed of the tie-breaking draws in the rank metrics (and of a subsample, if asked for).
         n_deg: ``k`` of the DEG recall (PerturBench: 50).
         pca_components: Number of PCs for ``mmd_pca`` (PerturBench's ``Evaluation.aggregate``
             default is 100, ``aggregate_adata``'s 30; PRiMeFlow reports 30).
         pred_source, truth_source: Names used in error messages (file paths when read from disk).
+        options: :class:`Options` (or a ``scoring.perturbench`` mapping); default = the exact path.
 
     Returns:
         One row per non-control condition (sorted), column ``condition`` then
@@ -358,86 +715,61 @@ def perturbench_metrics(
     Raises:
         PipelineInputError: Naming the object/file and field on bad input.
     """
-    if isinstance(n_deg, bool) or not isinstance(n_deg, (int, np.integer)) or n_deg < 1:
-        raise PipelineInputError("perturbench_metrics()", "n_deg", f"must be an integer >= 1, got {n_deg!r}")
-    if isinstance(pca_components, bool) or not isinstance(pca_components, (int, np.integer)) or pca_components < 1:
-        raise PipelineInputError(
-            "perturbench_metrics()", "pca_components", f"must be an integer >= 1, got {pca_components!r}"
-        )
-    pred_labels, truth_labels, conditions = _validate(pred, truth, control_label, pert_col, pred_source, truth_source)
-    genes = truth.var_names
-
-    x_truth = _dense(truth.X)
-    is_ctrl = truth_labels == control_label
-    x_ctrl = x_truth[is_ctrl]
-    keep = pred_labels != control_label
-    x_pred = _dense(pred.X[np.flatnonzero(keep)])
-    pred_labels = pred_labels[keep]
-
-    pred_sets = [x_pred[pred_labels == c] for c in conditions]
-    truth_sets = [x_truth[truth_labels == c] for c in conditions]
-    pred_means = np.stack([s.mean(axis=0) for s in pred_sets])
-    truth_means = np.stack([s.mean(axis=0) for s in truth_sets])
-    ctrl_mean = x_ctrl.mean(axis=0)
-
-    mats: dict[str, np.ndarray] = {}
-    mats["cosine_logfc"] = _cosine_matrix(_logfc(pred_means, ctrl_mean), _logfc(truth_means, ctrl_mean))
-    mats["rmse_average"] = _rmse_matrix(pred_means, truth_means)
-    mats["mmd_gex"] = _energy_matrix(pred_sets, truth_sets)
-
-    mask = None
-    if "highly_variable" in truth.var.columns:
-        mask = truth.var["highly_variable"].to_numpy(dtype=bool)
-        if not mask.any():
-            raise PipelineInputError(truth_source, "var['highly_variable']", "no gene is marked highly variable")
-    pc_mean, loadings = _fit_pca(x_truth, pca_components, mask)
-    mats["mmd_pca"] = _energy_matrix(
-        [(s - pc_mean) @ loadings.T for s in pred_sets], [(s - pc_mean) @ loadings.T for s in truth_sets]
+    return perturbench_metrics_by_group(
+        pred, truth, control_label, [], pert_col=pert_col, seed=seed, n_deg=n_deg, pca_components=pca_components,
+        pred_source=pred_source, truth_source=truth_source, options=options,
     )
-
-    # DE: predicted (resp. true) cells of every condition against the true control cells
-    ctrl_lab = np.full(x_ctrl.shape[0], control_label, dtype=object)
-    pred_scores = _t_scores(
-        np.vstack([x_pred, x_ctrl]), np.concatenate([pred_labels.astype(object), ctrl_lab]), conditions, control_label, genes
-    )
-    truth_scores = _t_scores(
-        np.vstack([np.vstack(truth_sets), x_ctrl]),
-        np.concatenate([np.repeat(np.array(conditions, dtype=object), [len(s) for s in truth_sets]), ctrl_lab]),
-        conditions,
-        control_label,
-        genes,
-    )
-    k = int(n_deg)
-    mats["deg_recall"] = _recall_matrix(_top_k_sets(pred_scores, k, genes), _top_k_sets(truth_scores, k, genes), k)
-
-    out = pd.DataFrame({CONDITION_COLUMN: conditions})
-    for name, (_, _, kind) in METRICS.items():
-        mat = mats[name]
-        out[name] = np.diag(mat)
-        out[name + "_rank"] = rank_columns(mat, kind, _rng(seed, name + "_rank"))
-        out[name + "_rank_transpose"] = rank_columns(mat.T, kind, _rng(seed, name + "_rank_transpose"))
-    return out
 
 
 def perturbench_metrics_by_group(
-    pred: ad.AnnData, truth: ad.AnnData, control_label: str, group_by: list[str], **kwargs
+    pred: ad.AnnData,
+    truth: ad.AnnData,
+    control_label: str,
+    group_by: list[str],
+    pert_col: str = "condition",
+    seed: int = 0,
+    n_deg: int = 50,
+    pca_components: int = 50,
+    *,
+    pred_source: str = "prediction",
+    truth_source: str = "truth",
+    options: Options | dict | None = None,
 ) -> pd.DataFrame:
-    """:func:`perturbench_metrics` once per group (PerturBench evaluates each covariate separately).
+    """:func:`perturbench_metrics` per group (PerturBench evaluates each covariate separately).
 
     Each group's predicted and true cells are scored against that group's true controls; ranks are
-    among the conditions of that group. Rows are (condition, group) pairs with the group columns
-    after ``condition``. Without ``group_by`` this is :func:`perturbench_metrics`.
+    among the conditions of that group. The PCA of ``mmd_pca`` is fitted once on all truth cells, as
+    PerturBench's ``aggregate_adata`` fits it on the whole reference before splitting by covariate.
+    Rows are (condition, group) pairs with the group columns after ``condition``. Without
+    ``group_by`` there is one group (all cells). No per-group copy of either matrix is made: groups
+    and conditions are index arrays into the two matrices.
     """
-    if not group_by:
-        return perturbench_metrics(pred, truth, control_label, **kwargs)
-    pert_col = kwargs.get("pert_col", "condition")
-    t_keys = truth.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
-    p_keys = pred.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
-    is_test = truth.obs[pert_col].astype(str).to_numpy() != control_label
+    _check_args(n_deg, pca_components)
+    opts = options if isinstance(options, Options) else Options.from_config(options)
+    pred_labels, truth_labels, _ = _validate(pred, truth, control_label, pert_col, pred_source, truth_source, opts.block_size)
+    genes = truth.var_names
+    pred_x, truth_x = pred.X, truth.X
+    pca = fit_pca(truth_x, np.arange(truth.n_obs), int(pca_components), _hvg_mask(truth, truth_source), int(opts.block_size))
+
+    if group_by:
+        t_keys = truth.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
+        p_keys = pred.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
+    else:
+        t_keys = np.zeros(truth.n_obs, dtype=object)
+        p_keys = np.zeros(pred.n_obs, dtype=object)
+    is_test = truth_labels != control_label
     frames = []
     for key in sorted(set(t_keys[is_test])):
-        frame = perturbench_metrics(pred[p_keys == key], truth[t_keys == key], control_label, **kwargs)
-        for j, (column, value) in enumerate(zip(group_by, key.split("\t"))):
+        t_rows = np.flatnonzero(t_keys == key)
+        p_rows = np.flatnonzero((p_keys == key) & (pred_labels != control_label))
+        conditions = sorted(set(truth_labels[t_rows]) - {control_label})
+        if np.count_nonzero(truth_labels[t_rows] == control_label) < 2:
+            raise PipelineInputError(truth_source, f"obs['{pert_col}']", f"group {key!r}: fewer than 2 control cells")
+        frame = _score_group(
+            pred_x, pred_labels, p_rows, truth_x, truth_labels, t_rows, control_label, conditions, genes, pca,
+            seed, n_deg, opts,
+        )
+        for j, (column, value) in enumerate(zip(group_by, str(key).split("\t"))):
             frame.insert(1 + j, column, value)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -483,18 +815,22 @@ def score_perturbench(
     seed: int = 0,
     n_deg: int = 50,
     pca_components: int = 50,
+    options: Options | dict | None = None,
 ) -> pd.DataFrame:
     """Read two h5ad files, check the prediction contract, write per-condition and summary CSVs.
 
     The prediction must satisfy the pipeline's contract (:func:`perturb_repro.scoring.contract.check_prediction`).
     Both CSVs are computed before either is written and each is written atomically; stale copies
-    are removed first and after a failure neither output exists.
+    are removed first and after a failure neither output exists. The summary's last column,
+    ``settings``, records (as JSON, same on every row) the :class:`Options` that change results
+    (rank normalisation, distance dtype, cell cap) and the backend used.
 
     Returns:
         The summary frame (also written to ``out_summary``).
     """
     from perturb_repro.scoring.contract import check_prediction, group_columns
 
+    opts = options if isinstance(options, Options) else Options.from_config(options)
     pred_path, truth_path = Path(pred_path), Path(truth_path)
     out_per_condition, out_summary = Path(out_per_condition), Path(out_summary)
     _remove(out_per_condition, out_summary)
@@ -507,9 +843,11 @@ def score_perturbench(
     check_prediction(pred, truth, pert_col, control_label, str(pred_path), str(truth_path), group_by)
     per_condition = perturbench_metrics_by_group(
         pred, truth, control_label, group_by, pert_col=pert_col, seed=seed, n_deg=n_deg,
-        pca_components=pca_components, pred_source=str(pred_path), truth_source=str(truth_path),
+        pca_components=pca_components, pred_source=str(pred_path), truth_source=str(truth_path), options=opts,
     )
     summary = summarise(per_condition)
+    summary[SETTINGS_COLUMN] = json.dumps({**opts.record(), "seed": int(seed), "n_deg": int(n_deg),
+                                           "pca_components": int(pca_components)}, sort_keys=True)
     try:
         write_csv(per_condition, out_per_condition, index=False)
         write_csv(summary, out_summary, index=False)
