@@ -8,4 +8,5 @@ with logged(snakemake):
         snakemake.output.per_condition, snakemake.output.summary, pert_col="condition",
         seed=int(options.get("seed", 0)), n_deg=int(options.get("n_deg", 50)),
         pca_components=int(options.get("pca_components", 30)),
+        options=options,  # rank_normalisation, distance_dtype, max_cells_per_condition, block_size, device
     )
