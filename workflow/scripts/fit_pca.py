@@ -1,5 +1,6 @@
+from perturb_repro.data.pca import fit_pca_file
 from perturb_repro.joblog import logged
-from perturb_repro.steps import pca_step
 
 with logged(snakemake):
-    pca_step(snakemake.input[0], snakemake.params.cfg, snakemake.output[0])
+    # processed.h5ad is opened backed: train cells are read in row chunks, never densified whole
+    fit_pca_file(snakemake.input[0], snakemake.params.cfg, snakemake.output[0])
