@@ -1,5 +1,6 @@
+from perturb_repro.data.truth import write_test_truth
 from perturb_repro.joblog import logged
-from perturb_repro.steps import truth_step
 
 with logged(snakemake):
-    truth_step(snakemake.input[0], snakemake.output[0])
+    # processed.h5ad opened backed; the dense truth X is written in row chunks, never whole in memory
+    write_test_truth(snakemake.input[0], snakemake.output[0])

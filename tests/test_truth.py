@@ -1,0 +1,80 @@
+"""The chunked truth writer: the same file as the in-memory truth, X filled in row chunks."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from perturb_repro.data import truth as truth_mod
+from perturb_repro.data.truth import build_test_truth, write_test_truth, write_truth_file
+from perturb_repro.io import write_h5ad
+
+
+def _assert_same_file(a_path, b_path):
+    a, b = ad.read_h5ad(a_path), ad.read_h5ad(b_path)
+    assert a.shape == b.shape
+    assert isinstance(a.X, np.ndarray) and isinstance(b.X, np.ndarray) and b.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X, b.X)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    assert set(a.layers) == set(b.layers)
+    for key in a.layers:
+        la, lb = a.layers[key], b.layers[key]
+        assert sp.issparse(la) == sp.issparse(lb)
+        np.testing.assert_array_equal(la.toarray() if sp.issparse(la) else la, lb.toarray() if sp.issparse(lb) else lb)
+    assert a.uns.keys() == b.uns.keys()
+    for key in a.uns:
+        np.testing.assert_array_equal(np.asarray(a.uns[key]), np.asarray(b.uns[key]))
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 37, 100_000])
+def test_chunked_writer_equals_in_memory_truth_on_the_demo(demo_processed, tmp_path, rows_per_chunk):
+    processed = tmp_path / "processed.h5ad"
+    write_h5ad(demo_processed, processed)
+    write_h5ad(build_test_truth(ad.read_h5ad(processed)), tmp_path / "memory.h5ad")  # what the rule wrote before
+    write_test_truth(processed, tmp_path / "chunked.h5ad", chunk_bytes=4 * demo_processed.n_vars * rows_per_chunk)
+    _assert_same_file(tmp_path / "memory.h5ad", tmp_path / "chunked.h5ad")
+
+
+def test_chunked_writer_keeps_sparse_layers_and_test_controls(demo_processed, tmp_path):
+    """A PerturBench-like processed file: counts layer, controls split, group_by in uns."""
+    adata = demo_processed.copy()
+    rng = np.random.default_rng(0)
+    adata.layers["counts"] = sp.random(adata.n_obs, adata.n_vars, density=0.1, format="csr", random_state=0,
+                                       dtype=np.float32)
+    control = adata.obs["is_control"].to_numpy(dtype=bool)
+    split = adata.obs["split"].to_numpy().copy()
+    split[control] = rng.choice(["train", "val", "test"], int(control.sum()))
+    adata.obs["split"] = split
+    adata.uns["group_by"] = ["cell_type"]
+    processed = tmp_path / "processed.h5ad"
+    write_h5ad(adata, processed)
+    write_h5ad(build_test_truth(ad.read_h5ad(processed)), tmp_path / "memory.h5ad")
+    write_test_truth(processed, tmp_path / "chunked.h5ad", chunk_bytes=4 * adata.n_vars * 50)
+    _assert_same_file(tmp_path / "memory.h5ad", tmp_path / "chunked.h5ad")
+    out = ad.read_h5ad(tmp_path / "chunked.h5ad")
+    assert sp.issparse(out.layers["counts"])
+    assert set(out.obs.loc[out.obs["is_control"].astype(bool), "split"]) == {"test"}
+
+
+def test_writer_reads_backed_windows_only(demo_processed, tmp_path, monkeypatch):
+    processed = tmp_path / "processed.h5ad"
+    write_h5ad(demo_processed, processed)
+    rows = 64
+    sizes = []
+    original = truth_mod._dense_chunks
+
+    def spy(*args, **kwargs):
+        for offset, block in original(*args, **kwargs):
+            sizes.append(block.shape[0])
+            yield offset, block
+
+    monkeypatch.setattr(truth_mod, "_dense_chunks", spy)
+    backed = ad.read_h5ad(processed, backed="r")
+    try:
+        assert backed.isbacked
+        write_truth_file(backed, tmp_path / "t.h5ad", chunk_bytes=4 * demo_processed.n_vars * rows)
+    finally:
+        backed.file.close()
+    assert max(sizes) <= rows and sum(sizes) == ad.read_h5ad(tmp_path / "t.h5ad").n_obs
