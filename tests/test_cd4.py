@@ -235,3 +235,44 @@ def test_paper_config_entry_runs_split_and_preprocess_steps(small, tmp_path):
     np.testing.assert_array_equal(processed.layers["counts"].toarray(), direct.layers["counts"].toarray())
     np.testing.assert_allclose(processed.X.toarray(), direct.X.toarray(), rtol=1e-6)
     assert {DONOR, TIME} <= set(processed.obs.columns) and list(processed.uns["group_by"]) == [DONOR, TIME]
+
+
+def test_preprocessing_after_the_chunked_read_keeps_x_sparse_and_memory_small(tmp_path):
+    """split -> preprocess of the cd4 entry on a sparse file: X and counts stay CSR, no whole-matrix densify,
+    and the traced peak of the whole preprocess step (read, split, preprocess, write) stays far below dense."""
+    import yaml
+    from conftest import REPO
+    from perturb_repro.steps import preprocess_step, split_step
+
+    n_obs, n_vars = 8_000, 2_500  # dense float32 = 80 MB
+    raw = tmp_path / "big.h5ad"
+    adata = _write_fixture(raw, n_obs, n_vars, density=0.01, seed=4)
+    panel = _panel(tmp_path, list(adata.var_names[::2]))  # 1,250 genes: dense panel = 40 MB
+    del adata
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
+    cfg = dict(cfg, name="cd4", source=dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=700))
+    split_step(str(raw), cfg, str(tmp_path / "split.csv"))
+    tracemalloc.start()
+    preprocess_step(str(raw), str(tmp_path / "split.csv"), cfg, str(tmp_path / "p.h5ad"), str(tmp_path / "s.json"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    processed = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert sp.issparse(processed.X) and sp.issparse(processed.layers["counts"])
+    dense_panel = processed.n_obs * processed.n_vars * 4
+    print(f"peak {peak / 2**20:.1f} MiB vs dense panel {dense_panel / 2**20:.0f} MiB, dense file {n_obs * n_vars * 4 / 2**20:.0f} MiB")
+    assert peak < dense_panel / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_preprocess_with_a_fixed_panel_does_not_copy_the_matrix(small):
+    """The panel keeps every gene: preprocess reuses the reader's CSR arrays instead of copying them."""
+    from perturb_repro.data.preprocess import preprocess
+    from perturb_repro.data.split import condition_pairs, make_split
+
+    raw, _adata, _genes, panel = small
+    cfg = dict(_cfg(raw, panel, 300), preprocess={"target_sum": 10000, "keep_counts": True, "n_top_genes": None},
+               split={"recipe": "cd4_context_holdout", "seed": 0})
+    loaded = load_source(raw, cfg, verify=False)
+    x_data, counts_data = loaded.X.data, loaded.layers["counts"].data
+    table = make_split(condition_pairs(loaded.obs, [DONOR, TIME]), CONTROL, "cd4_context_holdout", seed=0)
+    out = preprocess(loaded, table, cfg, "split.csv")
+    assert np.shares_memory(out.X.data, x_data) and np.shares_memory(out.layers["counts"].data, counts_data)

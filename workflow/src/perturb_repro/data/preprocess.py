@@ -184,7 +184,12 @@ def select_genes_perturbench(
 def preprocess(
     adata: ad.AnnData, split_table: pd.DataFrame, dataset_cfg: Mapping[str, Any], split_source: str
 ) -> ad.AnnData:
-    """Raw cells -> processed cells (log-normalised, HVGs, obs: condition, split, subgroup, covariates)."""
+    """Raw cells -> processed cells (log-normalised, HVGs, obs: condition, split, subgroup, covariates).
+
+    ``adata`` is consumed (its obs gains the split, and with a fixed panel it *becomes* the result): pass a
+    copy to keep it. Sparse X and counts stay sparse and are not copied when the panel keeps every gene
+    (the CD4 chunked reader's output, GEARS' fixed panels), so the peak is the input plus small temporaries.
+    """
     group_by = list(dataset_cfg.get("group_by") or [])
     attach_split(adata, split_table, split_source, group_by)
     split_cfg = dataset_cfg.get("split") or {}
@@ -201,7 +206,8 @@ def preprocess(
         )
     else:
         genes = select_hvgs(adata, prep.get("n_top_genes"), prep.get("hvg_flavor", "seurat_v3"), targets)
-    out = adata[:, genes].copy()
+    # a fixed panel keeps every gene in order: no copy of X / layers (a copy doubles the peak at CD4 size)
+    out = adata if genes == list(adata.var_names) else adata[:, genes].copy()
     covariates = list(dict.fromkeys([*dataset_cfg.get("covariates", []), *group_by]))
     keep = [CONDITION, IS_CONTROL, SPLIT, SUBGROUP, *covariates]
     out.obs = out.obs[keep].copy()
@@ -212,8 +218,9 @@ def preprocess(
         raise PipelineInputError(split_source, "preprocess.keep_counts", "no raw counts: set normalize or a counts reader")
     out.layers.clear()
     if counts is not None:  # raw counts of the kept genes (scLDM); sparse stays sparse
-        out.layers["counts"] = counts.astype(np.float32) if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
-    out.X = out.X.astype(np.float32) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
+        out.layers["counts"] = (counts.astype(np.float32, copy=False) if sp.issparse(counts)
+                                else np.asarray(counts, dtype=np.float32))
+    out.X = out.X.astype(np.float32, copy=False) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
     out.uns = {"dataset": dataset_cfg.get("name", ""), "control_label": dataset_cfg["control_label"]}
     if group_by:
         out.uns["group_by"] = group_by
