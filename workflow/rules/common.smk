@@ -142,3 +142,89 @@ def all_targets():
     targets += [f"results/tables/{t}.{ext}" for t in TABLES + ["scfate_table1"] for ext in ("csv", "md")]
     targets.append("results/report.html")
     return targets
+
+
+# ---- Resources from input size (data/prep rules; issue 15) -------------------------------------------------
+# mem_mb and runtime (minutes) of split_conditions, preprocess_dataset, fit_pca, test_truth and embed_genes grow
+# with the bytes of the job's inputs: fixed + per_gb x input GB, times the attempt number (a retried job asks
+# for more). The factors come from workflow/bench/bench_scale.py (peak RSS and CPU time of each step as a
+# whole process at growing sizes, sparse raw counts; see workflow/bench/README.md), rounded up:
+#   split       reads obs only                    memory ~ 0.1 x file, seconds per GB
+#   preprocess  holds X sparse (+ counts copy when it normalises; a fixed panel is not copied again)
+#                                                  memory ~ 3 x the raw CSR, ~10 min per GB on one core
+#   fit_pca     backed, row chunks: G x G float64 twice + one 128 MB chunk + obs
+#                                                  memory ~ 2 GB + 0.1 x file, time one G x G product per chunk
+#   test_truth  backed, dense X written in 64 MB row chunks; obs and sparse layers of kept cells in memory
+#                                                  memory ~ 1 GB + 0.5 x file
+# When an input does not exist yet (a dry run of config/config.yaml before anything is downloaded) its size is
+# the dataset's estimate below, so `snakemake --profile slurm -n` already asks for a meaningful request.
+# A dataset's `resources: {mem_mb: ...}` still overrides preprocess_dataset's memory, exactly (no scaling).
+import os as _os
+
+# On-disk GB of a paper dataset's raw file and of its processed.h5ad (cells x genes, stored as distributed):
+#   norman    GEARS perturb_processed.h5ad, 91,205 x 5,045 log-normalised CSR (~30 % non-zero)  ~1.1 / 1.1
+#   replogle  State-Replogle-Filtered replogle_concat.h5ad (~30 GB; X 643,413 x 6,546)          30 / 17 (dense f32)
+#   cd4       ~22M cells x ~36k genes raw counts (CSR, ~5 % non-zero) read onto 3,699 genes      320 / 120 (X + counts)
+#   norman19  PerturBench file, ~91k cells x ~5.7k genes, X + counts CSR                         2.5 / 1.5
+#   srivatsan20  ~180k cells x ~5k genes, X + counts CSR                                          3 / 2
+#   jiang24   ~1.6M cells x ~7k genes, X + counts CSR                                             30 / 15
+DATA_SIZE_ESTIMATES_GB = {
+    "norman": {"raw": 1.1, "processed": 1.1},
+    "replogle": {"raw": 30.0, "processed": 17.0},
+    "cd4": {"raw": 320.0, "processed": 120.0},
+    "norman19": {"raw": 2.5, "processed": 1.5},
+    "srivatsan20": {"raw": 3.0, "processed": 2.0},
+    "jiang24": {"raw": 30.0, "processed": 15.0},
+}
+# rule -> (fixed MB, MB per input GB, fixed minutes, minutes per input GB); from bench_scale.py, rounded up
+DATA_RESOURCE_MODEL = {
+    "split_conditions": (1000, 100, 10, 1),
+    "preprocess_dataset": (2000, 3000, 15, 10),
+    "fit_pca": (2000, 100, 15, 5),
+    "test_truth": (1000, 500, 10, 2),
+    "embed_genes": (4000, 1000, 30, 0),
+}
+DATA_MEM_CAP_MB = 1_000_000
+DATA_RUNTIME_CAP_MIN = 7 * 24 * 60
+
+
+def _existing_gb(paths):
+    return sum(_os.path.getsize(p) for p in paths if _os.path.isfile(str(p))) / 2**30
+
+
+def data_input_gb(dataset, paths, kind):
+    """GB of the inputs that exist; else the dataset's estimate (``kind``: raw or processed), else 1 GB."""
+    size = _existing_gb(paths)
+    if size > 0:
+        return size
+    return DATA_SIZE_ESTIMATES_GB.get(dataset, {}).get(kind, 1.0)
+
+
+def _sized(rule, kind, what):
+    fixed_mb, mb_per_gb, fixed_min, min_per_gb = DATA_RESOURCE_MODEL[rule]
+
+    def resource(wildcards, input, attempt):
+        gb = data_input_gb(wildcards.dataset, list(input), kind)
+        reader = config["datasets"][wildcards.dataset]["source"].get("reader", "memory")
+        if rule == "preprocess_dataset" and reader == "backed_chunked":
+            # the chunked reader holds its output (panel X + counts), not the raw file
+            gb = DATA_SIZE_ESTIMATES_GB.get(wildcards.dataset, {}).get("processed", 0.3 * gb)
+        if what == "mem_mb":
+            if rule == "preprocess_dataset":
+                override = config["datasets"][wildcards.dataset].get("resources", {}).get("mem_mb")
+                if override:
+                    return int(override)
+            return int(min((fixed_mb + mb_per_gb * gb) * attempt, DATA_MEM_CAP_MB))
+        return int(min((fixed_min + min_per_gb * gb) * attempt, DATA_RUNTIME_CAP_MIN))
+
+    return resource
+
+
+def data_mem_mb(rule, kind="raw"):
+    """Resource callable ``(wildcards, input, attempt) -> mem_mb`` of a data rule (see the block comment)."""
+    return _sized(rule, kind, "mem_mb")
+
+
+def data_runtime(rule, kind="raw"):
+    """Resource callable ``(wildcards, input, attempt) -> runtime`` (minutes) of a data rule."""
+    return _sized(rule, kind, "runtime")

@@ -27,6 +27,9 @@ rule split_conditions:
         "logs/split/{dataset}.log",
     benchmark:
         "benchmarks/split/{dataset}.tsv"
+    resources:
+        mem_mb=data_mem_mb("split_conditions"),
+        runtime=data_runtime("split_conditions"),
     conda:
         ENV
     script:
@@ -47,8 +50,9 @@ rule preprocess_dataset:
     benchmark:
         "benchmarks/preprocess/{dataset}.tsv"
     resources:
-        # the whole matrix is in memory here: paper-scale files set their own (datasets.<d>.resources.mem_mb)
-        mem_mb=lambda w: config["datasets"][w.dataset].get("resources", {}).get("mem_mb", 16000),
+        # the whole (sparse) matrix is in memory here: from the raw file's size, or datasets.<d>.resources.mem_mb
+        mem_mb=data_mem_mb("preprocess_dataset"),
+        runtime=data_runtime("preprocess_dataset"),
     conda:
         ENV
     script:
@@ -66,6 +70,9 @@ rule fit_pca:
         "logs/pca/{dataset}.log",
     benchmark:
         "benchmarks/pca/{dataset}.tsv"
+    resources:
+        mem_mb=data_mem_mb("fit_pca", "processed"),
+        runtime=data_runtime("fit_pca", "processed"),
     conda:
         ENV
     script:
@@ -81,6 +88,9 @@ rule test_truth:
         "logs/truth/{dataset}.log",
     benchmark:
         "benchmarks/truth/{dataset}.tsv"
+    resources:
+        mem_mb=data_mem_mb("test_truth", "processed"),
+        runtime=data_runtime("test_truth", "processed"),
     conda:
         ENV
     script:

@@ -52,6 +52,8 @@ rule embed_genes:
         "benchmarks/esm2/{dataset}.tsv"
     resources:
         gpu=lambda w: 0 if config["esm2"]["model"] == "tiny" else 1,
+        mem_mb=data_mem_mb("embed_genes"),
+        runtime=data_runtime("embed_genes"),
     conda:
         ENV
     script:
