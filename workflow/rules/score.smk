@@ -1,16 +1,38 @@
 # cell-eval scoring of one model's predictions against the real test cells.
+#
+# scoring.shards = 1: one job. > 1: score_shard scores each of N deterministic shards of the test
+# conditions (every shard with all control cells), score_cross computes the cross-condition metrics
+# (discrimination_score_*, pearson_edistance, clustering_agreement) once over all conditions, and
+# score_predictions merges them into the same metrics.csv / per_condition.csv (aggregates recomputed from
+# the merged table as cell-eval computes them). Predictions are always read from predictions.h5ad.
+
+
+def _score_shards():
+    return int(config["scoring"].get("shards", 1))
+
+
+def _score_inputs(w):
+    base = {
+        "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
+        "truth": f"results/{w.dataset}/test_truth.h5ad",
+    }
+    n = _score_shards()
+    if n > 1:
+        base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
+        base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
+    return base
 
 
 rule score_predictions:
     input:
-        pred="results/{dataset}/{model}/predictions.h5ad",
-        truth="results/{dataset}/test_truth.h5ad",
+        unpack(_score_inputs),
     output:
         metrics="results/{dataset}/{model}/metrics.csv",
         per_condition="results/{dataset}/{model}/per_condition.csv",
     params:
         profile=config["scoring"]["profile"],
         control=lambda w: config["datasets"][w.dataset]["control_label"],
+        shards=_score_shards(),
     log:
         "logs/score/{dataset}/{model}.log",
     benchmark:
@@ -22,6 +44,56 @@ rule score_predictions:
         ENV
     script:
         "../scripts/score_predictions.py"
+
+
+rule score_shard:
+    input:
+        pred="results/{dataset}/{model}/predictions.h5ad",
+        truth="results/{dataset}/test_truth.h5ad",
+    output:
+        temp("results/{dataset}/{model}/score_shards/shard{shard}_of_{n}.csv"),
+    wildcard_constraints:
+        shard=r"\d+",
+        n=r"\d+",
+    params:
+        profile=config["scoring"]["profile"],
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        shard=lambda w: int(w.shard),
+        shards=lambda w: int(w.n),
+    log:
+        "logs/score/{dataset}/{model}.shard{shard}_of_{n}.log",
+    benchmark:
+        "benchmarks/score/{dataset}/{model}.shard{shard}_of_{n}.tsv"
+    threads: config["scoring"].get("threads", 1)
+    resources:
+        mem_mb=8000,
+    conda:
+        ENV
+    script:
+        "../scripts/score_shard.py"
+
+
+rule score_cross:
+    input:
+        pred="results/{dataset}/{model}/predictions.h5ad",
+        truth="results/{dataset}/test_truth.h5ad",
+    output:
+        temp("results/{dataset}/{model}/score_shards/cross.csv"),
+    params:
+        profile=config["scoring"]["profile"],
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        shard="cross",
+    log:
+        "logs/score/{dataset}/{model}.cross.log",
+    benchmark:
+        "benchmarks/score/{dataset}/{model}.cross.tsv"
+    threads: config["scoring"].get("threads", 1)
+    resources:
+        mem_mb=8000,
+    conda:
+        ENV
+    script:
+        "../scripts/score_shard.py"
 
 
 rule provenance:

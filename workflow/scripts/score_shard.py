@@ -1,0 +1,15 @@
+from perturb_repro.joblog import logged
+from perturb_repro.scoring.celleval import score_cross, score_shard
+
+with logged(snakemake):
+    if snakemake.params.shard == "cross":
+        score_cross(
+            snakemake.input.pred, snakemake.input.truth, "condition", snakemake.params.control,
+            snakemake.output[0], profile=snakemake.params.profile, num_threads=snakemake.threads,
+        )
+    else:
+        score_shard(
+            snakemake.input.pred, snakemake.input.truth, "condition", snakemake.params.control,
+            int(snakemake.params.shard), int(snakemake.params.shards), snakemake.output[0],
+            profile=snakemake.params.profile, num_threads=snakemake.threads,
+        )
