@@ -152,9 +152,9 @@ def all_targets():
 #   split       reads obs only                    memory ~ 0.1 x file, seconds per GB
 #   preprocess  holds X sparse (+ counts copy when it normalises; a fixed panel is not copied again)
 #                                                  memory ~ 3 x the raw CSR, ~10 min per GB on one core
-#   fit_pca     backed, row chunks: G x G float64 twice + one 128 MB chunk + obs
+#   fit_pca     backed, row chunks: G x G float64 twice + one 32 MB chunk + obs
 #                                                  memory ~ 2 GB + 0.1 x file, time one G x G product per chunk
-#   test_truth  backed, dense X written in 64 MB row chunks; obs and sparse layers of kept cells in memory
+#   test_truth  backed, dense X written in 16 MB row chunks; obs and sparse layers of kept cells in memory
 #                                                  memory ~ 1 GB + 0.5 x file
 # When an input does not exist yet (a dry run of config/config.yaml before anything is downloaded) its size is
 # the dataset's estimate below, so `snakemake --profile slurm -n` already asks for a meaningful request.
@@ -228,3 +228,41 @@ def data_mem_mb(rule, kind="raw"):
 def data_runtime(rule, kind="raw"):
     """Resource callable ``(wildcards, input, attempt) -> runtime`` (minutes) of a data rule."""
     return _sized(rule, kind, "runtime")
+
+
+# ---- Sharded sampling (sampling.shards; issue 14 part 5) ---------------------------------------------------
+# A model entry with `sampling: {shards: N}`, N > 1, samples its test conditions in N `sample_shard` jobs (each
+# with the model's sample resources) and `merge_predictions` writes the same predictions.h5ad one `sample_model`
+# job would (rows, obs names, X bytes, uns but `sample_seconds`). Shard i of N holds the entries k = i, i+N, ...
+# of the sorted (group, condition) list (perturb_repro.steps.SHARD_RULE); every condition has its own seed
+# (steps.SEED_RULE), so its cells do not depend on its shard. N = 1 keeps the one-job DAG.
+from os.path import getsize as _shard_getsize, isfile as _shard_isfile
+
+
+def sampling_shards(model):
+    return int(sampling_of(model).get("shards", 1))
+
+
+def sampler_of(model):
+    """sampling_of without `shards` (how the work is split, not how a cell is drawn): the sampling jobs' params,
+    so changing the shard count does not make Snakemake think the sampler changed."""
+    return {k: v for k, v in sampling_of(model).items() if k != "shards"}
+
+
+SHARDED_MODELS = sorted(m for m in config["models"] if sampling_shards(m) > 1)
+UNSHARDED_MODELS = sorted(m for m in config["models"] if sampling_shards(m) == 1)
+
+
+def sample_shard_files(wildcards):
+    n = sampling_shards(wildcards.model)
+    return [f"results/{wildcards.dataset}/{wildcards.model}/sample_shards/{i}-of-{n}.h5ad" for i in range(n)]
+
+
+def merge_mem_mb(wildcards, input, attempt):
+    """The merge holds every shard's X twice (read, then stacked) plus the controls: 2.5 x the shards' bytes.
+    Before the shards exist (a dry run) the model's one-job sampling memory, which held the same cells."""
+    present = [p for p in input.shards if _shard_isfile(p)]
+    if not present:
+        return int(model_resources(wildcards.model, "sample", "mem_mb", 4000) * attempt)
+    mb = sum(_shard_getsize(p) for p in present) / 2**20
+    return int(min((2000 + 2.5 * mb) * attempt, 1_000_000))

@@ -129,7 +129,11 @@ ruleorder: train_model_ddp > train_model
 ruleorder: train_autoencoder_ddp > train_autoencoder
 
 
+# Sampling: one job per (dataset, model), or with `sampling.shards: N` > 1 N shard jobs and a merge (common.smk,
+# "Sharded sampling"); the merged predictions.h5ad equals the one-job file.
 rule sample_model:
+    wildcard_constraints:
+        model=model_constraint(UNSHARDED_MODELS),
     input:
         checkpoint=lambda w: f"results/{w.dataset}/{checkpoint_owner(w.model)}/checkpoint",
         truth="results/{dataset}/test_truth.h5ad",
@@ -141,7 +145,7 @@ rule sample_model:
     params:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
-        sampling=lambda w: sampling_of(w.model),
+        sampling=lambda w: sampler_of(w.model),
     log:
         "logs/sample/{dataset}/{model}.log",
     benchmark:
@@ -156,3 +160,44 @@ rule sample_model:
         ENV
     script:
         "../scripts/sample_model.py"
+
+
+# One shard's share of the test conditions (shard 0..N-1 of N): predicted cells only, no controls. Same script as
+# sample_model (it reads the shard wildcards), so the job-start checks there cover the shards too.
+use rule sample_model as sample_shard with:
+    wildcard_constraints:
+        model=model_constraint(SHARDED_MODELS),
+        shard=r"\d+",
+        shards=r"\d+",
+    output:
+        "results/{dataset}/{model}/sample_shards/{shard}-of-{shards}.h5ad",
+    log:
+        "logs/sample_shard/{dataset}/{model}/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/sample_shard/{dataset}/{model}/{shard}-of-{shards}.tsv"
+
+
+# The shards + the real controls in the one-job row order: reads X of the shards and the truth's control rows.
+rule merge_predictions:
+    wildcard_constraints:
+        model=model_constraint(SHARDED_MODELS),
+    input:
+        truth="results/{dataset}/test_truth.h5ad",
+        shards=sample_shard_files,
+    output:
+        "results/{dataset}/{model}/predictions.h5ad",
+    params:
+        model_cfg=lambda w: model_cfg(w.model),
+        sampling=lambda w: sampler_of(w.model),
+    log:
+        "logs/merge_predictions/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/merge_predictions/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=merge_mem_mb,
+        runtime=lambda w, attempt: 30 * attempt,
+    conda:
+        ENV
+    script:
+        "../scripts/merge_predictions.py"

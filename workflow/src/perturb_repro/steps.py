@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,13 +16,15 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .data.pca import PCABasis, fit_pca
+from .data.pca import PCABasis, dense, fit_pca
 from .data.preprocess import SPLIT, preprocess, summary
 from .data.source import CONDITION, IS_CONTROL, load_source
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
 from .io import write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
+
+logger = logging.getLogger(__name__)
 
 
 def limit_threads() -> None:
@@ -146,45 +151,104 @@ def _groups_of(obs: pd.DataFrame, group_by: list[str]) -> list[tuple[tuple[str, 
     return out
 
 
-def predict_step(
-    dataset: str, model: str, truth: str, processed: str, pca: str, esm2: str, model_cfg: Mapping[str, Any],
-    params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str, out_h5ad: str,
-) -> None:
-    """Predicted cells for every test condition plus the real controls, in the truth's gene order.
+# -- sampling: one job, or shards of the test conditions merged into the same file --------------------------------
 
-    With ``group_by`` (in the truth's ``uns``) the model is asked once per group, with that group's
-    control cells (whose obs carry the covariates) and that group's test conditions; predicted
-    cells carry the group columns in obs.
-    """
-    limit_threads()
-    truth_adata = ad.read_h5ad(truth)
-    control_label = truth_adata.uns["control_label"]
-    group_by = group_columns(truth_adata)
+SEED_RULE = (
+    "per (group, condition): seed = SeedSequence([sampling.seed, w0, w1, w2, w3]).generate_state(1, uint32)[0] >> 1, "
+    "w0..w3 = the first 16 bytes (4 little-endian uint32) of sha256(utf-8 of the group values then the condition "
+    "label, joined by U+001F); the model's sample() is called once per (group, condition) with that seed as "
+    "sampling.seed (and context.seed), so a condition's cells do not depend on the other conditions or the shard"
+)
+SHARD_RULE = (
+    "the sorted (group values, condition) list of the truth's test conditions is dealt round-robin: "
+    "entry k goes to shard k mod shards (0-based)"
+)
+TIMING_KEYS = ("sample_seconds",)  # the only uns entries that differ between two runs of the same sampling
+
+
+def condition_seed(seed: int, group_values: tuple[str, ...], condition: str) -> int:
+    """The sampling seed of one (group, condition): stable across runs, machines, shards and Python versions."""
+    digest = hashlib.sha256("\x1f".join([*map(str, group_values), str(condition)]).encode("utf-8")).digest()
+    words = np.frombuffer(digest[:16], dtype="<u4").astype(np.uint64).tolist()
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *words]).generate_state(1, np.uint32)[0] >> 1)
+
+
+def sampling_plan(obs: pd.DataFrame, control_label: str, group_by: list[str]) -> list[tuple[tuple[str, ...], str]]:
+    """Every (group values, condition) to predict, in the order its cells appear in predictions.h5ad."""
+    is_control = obs[IS_CONTROL].to_numpy(dtype=bool)
+    plan = []
+    for values, rows in _groups_of(obs, group_by):
+        conditions = sorted(set(obs.loc[rows & ~is_control, CONDITION].astype(str)) - {control_label})
+        plan += [(values, c) for c in conditions]
+    return plan
+
+
+def shard_plan(plan: list, shard: int, shards: int) -> list:
+    """Shard ``shard`` (0-based) of ``shards``: see :data:`SHARD_RULE`."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    return plan[shard::shards]
+
+
+def _sampler_record(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampler settings as recorded in uns: not ``shards`` (how the work was split, which does not change a cell)."""
+    return {k: sampling[k] for k in sampling if k != "shards"}
+
+
+def _sample_plan(
+    truth_adata: ad.AnnData, plan: list, group_by: list[str], context: ModelContext, model_cfg: Mapping[str, Any],
+    params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str,
+) -> tuple[list[np.ndarray], list[int], float]:
+    """Predicted cells of each plan entry (one model call per entry, its own seed), the seeds, and seconds."""
     is_control = truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool)
-    context = _context(dataset, truth_adata, pca, esm2, int(sampling.get("seed", 0)))
     n_cells = int(sampling["n_cells_per_condition"])  # generative models; baselines return the control set
     model_impl = get_model(model_cfg["type"])
-    blocks, labels, group_rows = [], [], []
-    seconds = 0.0
-    for values, rows in _groups_of(truth_adata.obs, group_by):
-        conditions = sorted(set(truth_adata.obs.loc[rows & ~is_control, CONDITION].astype(str)) - {control_label})
-        if not conditions:
-            continue
-        control = truth_adata[rows & is_control].copy()
-        if control.n_obs == 0:
-            raise ValueError(f"group {dict(zip(group_by, values))} has test conditions but no control cells")
+    base_seed = int(sampling.get("seed", 0))
+    masks = dict(_groups_of(truth_adata.obs, group_by))
+    blocks, seeds, seconds = [], [], 0.0
+    control, control_of = None, None
+    for values, condition in plan:
+        if control_of != values:  # plans are sorted by group: each group's controls are read once
+            control = truth_adata[masks[values] & is_control].to_memory()
+            control_of = values
+            if control.n_obs == 0:
+                raise ValueError(f"group {dict(zip(group_by, values))} has test conditions but no control cells")
+        seed = condition_seed(base_seed, values, condition)
         started = time.time()
-        cells = model_impl.sample(Path(checkpoint_dir), conditions, control, n_cells, context, params, sampling)
+        cells = model_impl.sample(Path(checkpoint_dir), [condition], control, n_cells, replace(context, seed=seed),
+                                  params, {**_sampler_record(sampling), "seed": seed})
         seconds += time.time() - started
-        for condition in conditions:
-            x = np.asarray(cells[condition], dtype=np.float32)
-            if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
-                raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
-            blocks.append(x)
-            labels += [condition] * x.shape[0]
-            group_rows += [values] * x.shape[0]
-    control = truth_adata[is_control]
-    blocks.append(np.asarray(control.X, dtype=np.float32))
+        x = np.asarray(cells[condition], dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
+            raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
+        blocks.append(x)
+        seeds.append(seed)
+    return blocks, seeds, seconds
+
+
+def _key_table(plan: list, group_by: list[str], **columns) -> dict[str, np.ndarray]:
+    """Plan entries as uns arrays: ``condition``, one array per group column, and ``columns`` (seed, rows)."""
+    table = {CONDITION: np.array([c for _, c in plan], dtype=object)}
+    for j, column in enumerate(group_by):
+        table[column] = np.array([v[j] for v, _ in plan], dtype=object)
+    table.update({k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
+    return table
+
+
+def _assemble(
+    truth_adata: ad.AnnData, plan: list, blocks: list[np.ndarray], seeds: list[int], group_by: list[str],
+    dataset: str, model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str, Any], seconds: float,
+) -> ad.AnnData:
+    """predictions.h5ad: the plan's cells in plan order, then the real controls in truth order (one code path for
+    the one-job and the merged sharded run, so both write the same file)."""
+    control_label = truth_adata.uns["control_label"]
+    is_control = truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool)
+    labels, group_rows = [], []
+    for (values, condition), x in zip(plan, blocks):
+        labels += [condition] * x.shape[0]
+        group_rows += [values] * x.shape[0]
+    control = truth_adata[is_control].to_memory()
+    blocks = [*blocks, np.asarray(dense(control.X), dtype=np.float32)]
     labels += [control_label] * control.n_obs
     if group_by:
         group_rows += list(map(tuple, control.obs[group_by].astype(str).to_numpy().tolist()))
@@ -194,9 +258,99 @@ def predict_step(
     pred = ad.AnnData(X=np.vstack(blocks), obs=obs, var=truth_adata.var[[]].copy())
     pred.uns = {
         "model": model, "dataset": dataset, "model_type": model_cfg["type"], "control_label": control_label,
-        "sampler": {k: sampling[k] for k in sampling}, "sample_seconds": seconds,
+        "sampler": _sampler_record(sampling), "sample_seconds": seconds,
+        "seed_rule": SEED_RULE, "condition_seeds": _key_table(plan, group_by, seed=seeds),
         "note": "gene-space values from PCA or mean shifts are clipped at 0 (log-expression cannot be negative)",
     }
     if group_by:
         pred.uns["group_by"] = group_by
+    return pred
+
+
+def _open_truth(truth: str) -> ad.AnnData:
+    """The truth opened backed: its obs in memory, only the control rows a step needs read from X."""
+    return ad.read_h5ad(truth, backed="r")
+
+
+def predict_step(
+    dataset: str, model: str, truth: str, processed: str, pca: str, esm2: str, model_cfg: Mapping[str, Any],
+    params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str, out_h5ad: str,
+    shard: int | None = None, shards: int = 1,
+) -> None:
+    """Predicted cells for every test condition plus the real controls, in the truth's gene order.
+
+    With ``group_by`` (in the truth's ``uns``) each condition is sampled with its group's control cells (whose
+    obs carry the covariates); predicted cells carry the group columns in obs. Each (group, condition) is one
+    model call with its own seed (:data:`SEED_RULE`).
+
+    With ``shard`` (0-based, of ``shards``) only that shard's conditions (:data:`SHARD_RULE`) are sampled and
+    ``out_h5ad`` is a shard file (predicted cells only, no controls) for :func:`merge_predictions_step`.
+    """
+    limit_threads()
+    truth_adata = _open_truth(truth)
+    try:
+        group_by = group_columns(truth_adata)
+        context = _context(dataset, truth_adata, pca, esm2, int(sampling.get("seed", 0)))
+        plan = sampling_plan(truth_adata.obs, truth_adata.uns["control_label"], group_by)
+        if shard is not None:
+            plan = shard_plan(plan, int(shard), int(shards))
+            logger.info("shard %d of %d: %d (group, condition) entries", shard, shards, len(plan))
+        blocks, seeds, seconds = _sample_plan(truth_adata, plan, group_by, context, model_cfg, params, sampling,
+                                              checkpoint_dir)
+        if shard is None:
+            pred = _assemble(truth_adata, plan, blocks, seeds, group_by, dataset, model, model_cfg, sampling, seconds)
+        else:
+            pred = _shard_file(truth_adata, plan, blocks, seeds, group_by, int(shard), int(shards), seconds)
+    finally:
+        truth_adata.file.close()
+    write_h5ad(pred, out_h5ad)
+
+
+def _shard_file(truth_adata, plan, blocks, seeds, group_by, shard, shards, seconds) -> ad.AnnData:
+    labels = [c for (_, c), x in zip(plan, blocks) for _ in range(x.shape[0])]
+    obs = pd.DataFrame({CONDITION: labels}, index=[f"shard{shard}_{i}" for i in range(len(labels))])
+    for j, column in enumerate(group_by):
+        obs[column] = [v[j] for (v, _), x in zip(plan, blocks) for _ in range(x.shape[0])]
+    x = np.vstack(blocks) if blocks else np.zeros((0, truth_adata.n_vars), dtype=np.float32)
+    return ad.AnnData(X=x, obs=obs, var=truth_adata.var[[]].copy(), uns={
+        "shard": shard, "shards": shards, "shard_rule": SHARD_RULE, "sample_seconds": seconds,
+        "entries": _key_table(plan, group_by, seed=seeds, rows=[b.shape[0] for b in blocks]),
+    })
+
+
+def merge_predictions_step(
+    dataset: str, model: str, truth: str, shard_files: list[str], model_cfg: Mapping[str, Any],
+    sampling: Mapping[str, Any], out_h5ad: str,
+) -> None:
+    """predictions.h5ad from the shard files of :func:`predict_step`: the same rows, obs names, X bytes and uns
+    (but ``sample_seconds``, summed over shards) as one unsharded job. Fails if a shard is missing, belongs to
+    another shard count, or does not hold exactly its share of the conditions."""
+    truth_adata = _open_truth(truth)
+    try:
+        group_by = group_columns(truth_adata)
+        plan = sampling_plan(truth_adata.obs, truth_adata.uns["control_label"], group_by)
+        shards = len(shard_files)
+        found: dict[tuple, tuple[np.ndarray, int]] = {}
+        seconds = 0.0
+        for i, path in enumerate(shard_files):
+            part = ad.read_h5ad(path)
+            if int(part.uns["shards"]) != shards or int(part.uns["shard"]) != i:
+                raise ValueError(f"{path} is shard {part.uns['shard']} of {part.uns['shards']}, expected {i} of {shards}")
+            entries = part.uns["entries"]
+            keys = [(tuple(str(entries[c][k]) for c in group_by), str(entries[CONDITION][k]))
+                    for k in range(len(entries[CONDITION]))]
+            if keys != shard_plan(plan, i, shards):
+                raise ValueError(f"{path} holds other conditions than shard {i} of {shards} of this truth")
+            x = np.asarray(part.X, dtype=np.float32)
+            offsets = np.concatenate([[0], np.cumsum(entries["rows"])]).astype(int)
+            if offsets[-1] != x.shape[0]:
+                raise ValueError(f"{path}: {x.shape[0]} rows, its entries say {offsets[-1]}")
+            for k, key in enumerate(keys):
+                found[key] = (x[offsets[k]:offsets[k + 1]], int(entries["seed"][k]))
+            seconds += float(part.uns["sample_seconds"])
+        blocks = [found[key][0] for key in plan]
+        seeds = [found[key][1] for key in plan]
+        pred = _assemble(truth_adata, plan, blocks, seeds, group_by, dataset, model, model_cfg, sampling, seconds)
+    finally:
+        truth_adata.file.close()
     write_h5ad(pred, out_h5ad)
