@@ -5,7 +5,7 @@ in-memory sparse or dense X, or from a file opened ``backed="r"``), each chunk d
 shifted sum and cross-product accumulated in float64 (a G x G matrix: 392 MB at 7,000 genes). The
 covariance's leading eigenvectors are the principal axes -- the right singular vectors of the centred train
 matrix, as a full SVD would give them (``tests/test_pca.py`` checks it against one). Memory: G x G twice plus
-one chunk (``CHUNK_BYTES``); time: one pass over the cells (a chunk's G x G product) plus one G x G
+one 32 MB chunk (``CHUNK_BYTES``); time: one pass over the cells (a chunk's G x G product) plus one G x G
 eigendecomposition.
 """
 
@@ -54,7 +54,7 @@ class PCABasis:
 
 
 # float64 bytes of one densified chunk of train rows
-CHUNK_BYTES = 128 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 def _row_blocks(x, rows: np.ndarray, backed: bool, chunk_rows: int):

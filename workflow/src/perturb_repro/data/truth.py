@@ -3,7 +3,7 @@
 :func:`build_test_truth` returns it in memory (tests, small data). :func:`write_test_truth` (the
 ``test_truth`` rule) writes the same file without holding it whole: ``processed.h5ad`` is opened
 ``backed="r"``, everything but X is written first, then the dense float32 X is filled in row chunks
-(``CHUNK_BYTES`` of float32 per chunk) read from the backed matrix. Peak memory: obs/var/layers of the kept
+(``CHUNK_BYTES``, 16 MB of float32, per chunk) read from the backed matrix. Peak memory: obs/var/layers of the kept
 cells (sparse stays sparse) plus one chunk. ``tests/test_truth.py`` checks both files are equal.
 """
 
@@ -22,7 +22,7 @@ from .preprocess import SPLIT
 from .source import IS_CONTROL
 
 # float32 bytes of one dense chunk of truth rows
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def truth_rows(obs) -> np.ndarray:
