@@ -9,12 +9,11 @@ Run from the repository root with the project's venv:
 Synthetic inputs shaped like the pipeline's own files are written into a temporary directory: sparse raw
 counts (CSR float32, ``--density`` non-zeros) for the data steps, dense float32 log1p values for the truth
 and prediction files the scorers read. Every step runs as its own process (this script with ``--worker``),
-calling the function its Snakemake rule calls; wall time and peak RSS come from ``os.wait4`` on that
-process (its peak includes any worker it waited for, e.g. cell-eval's). An import-only run of the same
-worker gives each step's fixed cost, which is subtracted before fitting: the excess is fitted as a power
-law in the sizes (least squares on logs: the log-log slope per size variable), and the projection is
-fixed cost + fitted excess at each paper dataset's size. Steps projected over the job budget
-(``--budget-gb``, ``--budget-h``: 64 GB, 24 h) are flagged.
+calling the function its Snakemake rule calls; the worker records its work's CPU seconds and peak RSS above
+the RSS when the work began (imports excluded), ``os.wait4`` the whole process's. A run at a tiny size gives
+each step's fixed cost; the rest is fitted as a power law in the sizes (least squares on logs: the log-log
+slope per size variable), and the projection is the tiny process + fitted growth at each paper dataset's
+size. Steps projected over the job budget (``--budget-gb``, ``--budget-h``: 64 GB, 24 h) are flagged.
 
 Size variables: data steps (split, preprocess, fit_pca, test_truth) -- cells N and genes G (conditions grow
 with N at a fixed number of cells per condition); scorers (cell-eval, PerturBench) -- test conditions C,
