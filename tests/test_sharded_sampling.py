@@ -15,6 +15,7 @@ import yaml
 from conftest import DEMO_H5AD
 from perturb_repro import steps
 from perturb_repro.config import model_params
+from perturb_repro.scoring.contract import check_prediction
 from workflow_helpers import REPO, copy_repo, snakemake
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -100,6 +101,7 @@ def test_three_shards_equal_one_job_bit_for_bit(demo, tmp_path, dataset, name):
     plan = steps.sampling_plan(truth.obs, control, steps.group_columns(truth))
     assert len(one.uns["condition_seeds"]["seed"]) == len(plan) and "SeedSequence" in one.uns["seed_rule"]
     assert "shards" not in one.uns["sampler"]  # how the work was split is not a sampler setting
+    check_prediction(three, truth, "condition", control, "predictions.h5ad", "test_truth.h5ad")  # scorer's contract
     if name != "control_mean":  # generative: every condition got n_cells_per_condition cells
         assert one.n_obs == len(plan) * SAMPLING["n_cells_per_condition"] + n_ctrl
 

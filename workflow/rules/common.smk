@@ -259,10 +259,11 @@ def sample_shard_files(wildcards):
 
 
 def merge_mem_mb(wildcards, input, attempt):
-    """The merge holds every shard's X twice (read, then stacked) plus the controls: 2.5 x the shards' bytes.
-    Before the shards exist (a dry run) the model's one-job sampling memory, which held the same cells."""
+    """The merge streams X (backed shards, one (group, condition) block at a time; steps.merge_predictions_step):
+    it holds obs of every cell plus one block, ~ 3 GB + 0.1 x the shards' bytes. Before the shards exist (a dry
+    run) 16 GB or the model's sampling memory if that is less."""
     present = [p for p in input.shards if _shard_isfile(p)]
     if not present:
-        return int(model_resources(wildcards.model, "sample", "mem_mb", 4000) * attempt)
+        return int(min(model_resources(wildcards.model, "sample", "mem_mb", 4000), 16000) * attempt)
     mb = sum(_shard_getsize(p) for p in present) / 2**20
-    return int(min((2000 + 2.5 * mb) * attempt, 1_000_000))
+    return int(min((3000 + 0.1 * mb) * attempt, 1_000_000))

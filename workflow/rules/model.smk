@@ -177,7 +177,7 @@ use rule sample_model as sample_shard with:
         "benchmarks/sample_shard/{dataset}/{model}/{shard}-of-{shards}.tsv"
 
 
-# The shards + the real controls in the one-job row order: reads X of the shards and the truth's control rows.
+# The shards + the real controls in the one-job row order, X streamed block by block (small memory, no GPU).
 rule merge_predictions:
     wildcard_constraints:
         model=model_constraint(SHARDED_MODELS),

@@ -21,7 +21,7 @@ from .data.preprocess import SPLIT, preprocess, summary
 from .data.source import CONDITION, IS_CONTROL, load_source
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
-from .io import write_csv, write_h5ad, write_text
+from .io import atomic_path, write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ SHARD_RULE = (
     "entry k goes to shard k mod shards (0-based)"
 )
 TIMING_KEYS = ("sample_seconds",)  # the only uns entries that differ between two runs of the same sampling
+CONTROL_CHUNK_ROWS = 8192  # control rows copied from the truth per block
 
 
 def condition_seed(seed: int, group_values: tuple[str, ...], condition: str) -> int:
@@ -235,27 +236,20 @@ def _key_table(plan: list, group_by: list[str], **columns) -> dict[str, np.ndarr
     return table
 
 
-def _assemble(
-    truth_adata: ad.AnnData, plan: list, blocks: list[np.ndarray], seeds: list[int], group_by: list[str],
+def _skeleton(
+    truth_adata: ad.AnnData, plan: list, rows: list[int], seeds: list[int], group_by: list[str],
     dataset: str, model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str, Any], seconds: float,
 ) -> ad.AnnData:
-    """predictions.h5ad: the plan's cells in plan order, then the real controls in truth order (one code path for
-    the one-job and the merged sharded run, so both write the same file)."""
+    """predictions.h5ad but X: ``rows[k]`` cells of plan entry k in plan order, then the real controls in truth
+    order (one code path for the one-job and the merged sharded run, so both write the same file)."""
     control_label = truth_adata.uns["control_label"]
     is_control = truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool)
-    labels, group_rows = [], []
-    for (values, condition), x in zip(plan, blocks):
-        labels += [condition] * x.shape[0]
-        group_rows += [values] * x.shape[0]
-    control = truth_adata[is_control].to_memory()
-    blocks = [*blocks, np.asarray(dense(control.X), dtype=np.float32)]
-    labels += [control_label] * control.n_obs
-    if group_by:
-        group_rows += list(map(tuple, control.obs[group_by].astype(str).to_numpy().tolist()))
+    labels = [c for (_, c), n in zip(plan, rows) for _ in range(n)] + [control_label] * int(is_control.sum())
     obs = pd.DataFrame({CONDITION: labels}, index=[f"pred_{i}" for i in range(len(labels))])
+    control_groups = truth_adata.obs.loc[is_control, group_by].astype(str).to_numpy() if group_by else None
     for j, column in enumerate(group_by):
-        obs[column] = [g[j] for g in group_rows]
-    pred = ad.AnnData(X=np.vstack(blocks), obs=obs, var=truth_adata.var[[]].copy())
+        obs[column] = [v[j] for (v, _), n in zip(plan, rows) for _ in range(n)] + control_groups[:, j].tolist()
+    pred = ad.AnnData(obs=obs, var=truth_adata.var[[]].copy())
     pred.uns = {
         "model": model, "dataset": dataset, "model_type": model_cfg["type"], "control_label": control_label,
         "sampler": _sampler_record(sampling), "sample_seconds": seconds,
@@ -265,6 +259,35 @@ def _assemble(
     if group_by:
         pred.uns["group_by"] = group_by
     return pred
+
+
+def _control_chunks(truth_adata: ad.AnnData, chunk_rows: int):
+    """The truth's control cells in truth order, as float32 blocks of at most ``chunk_rows`` rows."""
+    index = np.flatnonzero(truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool))
+    for lo in range(0, index.size, chunk_rows):
+        yield np.asarray(dense(truth_adata.X[index[lo:lo + chunk_rows]]), dtype=np.float32)
+
+
+def _write_predictions(skeleton: ad.AnnData, blocks, out_h5ad: str) -> None:
+    """Write ``skeleton`` with X the row concatenation of ``blocks`` (float32 arrays, an iterable), filled block by
+    block into the h5ad's dense X (as io.write_h5ad: a temp file renamed into place only when complete)."""
+    import h5py
+
+    n_obs, n_vars = skeleton.n_obs, skeleton.n_vars
+    with atomic_path(out_h5ad) as tmp:
+        skeleton.write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as handle:
+            if "X" in handle:
+                del handle["X"]
+            x_out = handle.create_dataset("X", shape=(n_obs, n_vars), dtype=np.float32)
+            x_out.attrs["encoding-type"] = "array"
+            x_out.attrs["encoding-version"] = "0.2.0"
+            offset = 0
+            for block in blocks:
+                x_out[offset:offset + block.shape[0]] = block
+                offset += block.shape[0]
+            if offset != n_obs:
+                raise ValueError(f"predictions: {offset} rows written, {n_obs} expected")
 
 
 def _open_truth(truth: str) -> ad.AnnData:
@@ -298,12 +321,14 @@ def predict_step(
         blocks, seeds, seconds = _sample_plan(truth_adata, plan, group_by, context, model_cfg, params, sampling,
                                               checkpoint_dir)
         if shard is None:
-            pred = _assemble(truth_adata, plan, blocks, seeds, group_by, dataset, model, model_cfg, sampling, seconds)
+            skeleton = _skeleton(truth_adata, plan, [b.shape[0] for b in blocks], seeds, group_by, dataset, model,
+                                 model_cfg, sampling, seconds)
+            _write_predictions(skeleton, [*blocks, *_control_chunks(truth_adata, CONTROL_CHUNK_ROWS)], out_h5ad)
         else:
-            pred = _shard_file(truth_adata, plan, blocks, seeds, group_by, int(shard), int(shards), seconds)
+            write_h5ad(_shard_file(truth_adata, plan, blocks, seeds, group_by, int(shard), int(shards), seconds),
+                       out_h5ad)
     finally:
         truth_adata.file.close()
-    write_h5ad(pred, out_h5ad)
 
 
 def _shard_file(truth_adata, plan, blocks, seeds, group_by, shard, shards, seconds) -> ad.AnnData:
@@ -324,16 +349,21 @@ def merge_predictions_step(
 ) -> None:
     """predictions.h5ad from the shard files of :func:`predict_step`: the same rows, obs names, X bytes and uns
     (but ``sample_seconds``, summed over shards) as one unsharded job. Fails if a shard is missing, belongs to
-    another shard count, or does not hold exactly its share of the conditions."""
+    another shard count, or does not hold exactly its share of the conditions.
+
+    Streams: the shards are opened backed and X is copied one (group, condition) block at a time, then the
+    controls in chunks, so memory is obs plus one block, not the whole prediction matrix."""
     truth_adata = _open_truth(truth)
+    parts = []
     try:
         group_by = group_columns(truth_adata)
         plan = sampling_plan(truth_adata.obs, truth_adata.uns["control_label"], group_by)
         shards = len(shard_files)
-        found: dict[tuple, tuple[np.ndarray, int]] = {}
+        where: dict[tuple, tuple[ad.AnnData, int, int, int]] = {}  # entry -> (shard, first row, rows, seed)
         seconds = 0.0
         for i, path in enumerate(shard_files):
-            part = ad.read_h5ad(path)
+            part = ad.read_h5ad(path, backed="r")
+            parts.append(part)
             if int(part.uns["shards"]) != shards or int(part.uns["shard"]) != i:
                 raise ValueError(f"{path} is shard {part.uns['shard']} of {part.uns['shards']}, expected {i} of {shards}")
             entries = part.uns["entries"]
@@ -341,16 +371,23 @@ def merge_predictions_step(
                     for k in range(len(entries[CONDITION]))]
             if keys != shard_plan(plan, i, shards):
                 raise ValueError(f"{path} holds other conditions than shard {i} of {shards} of this truth")
-            x = np.asarray(part.X, dtype=np.float32)
             offsets = np.concatenate([[0], np.cumsum(entries["rows"])]).astype(int)
-            if offsets[-1] != x.shape[0]:
-                raise ValueError(f"{path}: {x.shape[0]} rows, its entries say {offsets[-1]}")
+            if offsets[-1] != part.n_obs or part.n_vars != truth_adata.n_vars:
+                raise ValueError(f"{path}: {part.shape}, its entries say {offsets[-1]} rows x {truth_adata.n_vars} genes")
             for k, key in enumerate(keys):
-                found[key] = (x[offsets[k]:offsets[k + 1]], int(entries["seed"][k]))
+                where[key] = (part, int(offsets[k]), int(offsets[k + 1] - offsets[k]), int(entries["seed"][k]))
             seconds += float(part.uns["sample_seconds"])
-        blocks = [found[key][0] for key in plan]
-        seeds = [found[key][1] for key in plan]
-        pred = _assemble(truth_adata, plan, blocks, seeds, group_by, dataset, model, model_cfg, sampling, seconds)
+        located = [where[key] for key in plan]
+        skeleton = _skeleton(truth_adata, plan, [n for _, _, n, _ in located], [s for *_, s in located], group_by,
+                             dataset, model, model_cfg, sampling, seconds)
+
+        def blocks():
+            for part, first, n, _ in located:
+                yield np.asarray(part.X[first:first + n], dtype=np.float32)
+            yield from _control_chunks(truth_adata, CONTROL_CHUNK_ROWS)
+
+        _write_predictions(skeleton, blocks(), out_h5ad)
     finally:
+        for part in parts:
+            part.file.close()
         truth_adata.file.close()
-    write_h5ad(pred, out_h5ad)
