@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +26,11 @@ class _RegressionTask(T.TrainTask):
         return nn.functional.mse_loss(module(self.x[rows]), self.y[rows])
 
 
-class _SignalAt:
-    """Reports SIGTERM once the loop has polled ``n`` times (a preemption at a chosen step)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    @property
-    def raised(self):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def train_tiny(out_dir: str, steps: int, global_batch: int, seed: int = 0, accum: int = 1, preempt_after: int | None = None):
     if preempt_after is not None:
-        T.StopFlag = lambda: _SignalAt(preempt_after)
+        from fakes import SignalAfter  # tests/ is on the workers' PYTHONPATH
+
+        T.StopFlag = lambda: SignalAfter(preempt_after)
     torch.set_num_threads(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

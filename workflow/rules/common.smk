@@ -200,17 +200,17 @@ def data_input_gb(dataset, paths, kind):
     return DATA_SIZE_ESTIMATES_GB.get(dataset, {}).get(kind, 1.0)
 
 
-def _sized(rule, kind, what):
-    fixed_mb, mb_per_gb, fixed_min, min_per_gb = DATA_RESOURCE_MODEL[rule]
+def _sized(step, kind, what):
+    fixed_mb, mb_per_gb, fixed_min, min_per_gb = DATA_RESOURCE_MODEL[step]
 
     def resource(wildcards, input, attempt):
         gb = data_input_gb(wildcards.dataset, list(input), kind)
         reader = config["datasets"][wildcards.dataset]["source"].get("reader", "memory")
-        if rule == "preprocess_dataset" and reader == "backed_chunked":
+        if step == "preprocess_dataset" and reader == "backed_chunked":
             # the chunked reader holds its output (panel X + counts), not the raw file
             gb = DATA_SIZE_ESTIMATES_GB.get(wildcards.dataset, {}).get("processed", 0.3 * gb)
         if what == "mem_mb":
-            if rule == "preprocess_dataset":
+            if step == "preprocess_dataset":
                 override = config["datasets"][wildcards.dataset].get("resources", {}).get("mem_mb")
                 if override:
                     return int(override)
@@ -267,3 +267,64 @@ def merge_mem_mb(wildcards, input, attempt):
         return int(min(model_resources(wildcards.model, "sample", "mem_mb", 4000), 16000) * attempt)
     mb = sum(_shard_getsize(p) for p in present) / 2**20
     return int(min((3000 + 0.1 * mb) * attempt, 1_000_000))
+
+
+# Input functions of the stage files, kept here so that those files hold only rules.
+import yaml
+
+
+ESM2_TINY_DIR = "results/esm2/tiny_model"
+
+
+def esm2_model_input(wildcards):
+    return ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else []
+
+
+PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
+
+
+def pretrained_input(wildcards):
+    """The files of a model's pretrained checkpoint (scGPT: ``pretrained_dir``), so a fetch rule provides them."""
+    directory = params_of(wildcards.model, wildcards.dataset).get("pretrained_dir")
+    return [f"{directory}/{name}" for name in PRETRAINED_FILES] if directory else []
+
+
+# Models trained in two jobs: a first stage (scLDM's autoencoder) whose output the main training job reads.
+AUTOENCODER_MODELS = {"scldm"}
+
+
+def autoencoder_input(wildcards):
+    if config["models"][wildcards.model]["type"] in AUTOENCODER_MODELS:
+        return f"results/{wildcards.dataset}/{wildcards.model}/autoencoder"
+    return []
+
+
+def table_runs(table):
+    """(run dataset, model) pairs a table's cells need, split into configured and not configured."""
+    spec = yaml.safe_load(Path(config["tables"][table]["spec"]).read_text())
+    mapping = config["tables"][table]["datasets"]
+    wanted = {(mapping.get(c["dataset"], c["dataset"]), c["model"]) for c in spec["cells"]}
+    return sorted(p for p in wanted if p in PAIRS), sorted(p for p in wanted if p not in PAIRS)
+
+
+def scfate_log_files(wildcards):
+    """Each JSON/CSV log is an input, so adding or editing one re-runs the audit; [] if unset or absent."""
+    from perturb_repro.tables.scfate_audit import log_files
+
+    return [str(p) for p in log_files(config.get("audit", {}).get("scfate_logs") or None)]
+
+
+def _score_shards():
+    return int(config["scoring"].get("shards", 1))
+
+
+def _score_inputs(w):
+    base = {
+        "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
+        "truth": f"results/{w.dataset}/test_truth.h5ad",
+    }
+    n = _score_shards()
+    if n > 1:
+        base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
+        base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
+    return base

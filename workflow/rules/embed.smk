@@ -1,12 +1,5 @@
 # ESM2 embeddings of every perturbed gene (zero vector for the control), from the configured ESM2.
 
-ESM2_TINY_DIR = "results/esm2/tiny_model"
-
-
-def esm2_model_input(wildcards):
-    return ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else []
-
-
 rule build_tiny_esm2:
     output:
         directory(ESM2_TINY_DIR),

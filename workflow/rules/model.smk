@@ -1,15 +1,6 @@
 # One training job and one sampling job per (dataset, model); GPU resources come from the model's config.
 
 
-PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
-
-
-def pretrained_input(wildcards):
-    """The files of a model's pretrained checkpoint (scGPT: ``pretrained_dir``), so a fetch rule provides them."""
-    directory = params_of(wildcards.model, wildcards.dataset).get("pretrained_dir")
-    return [f"{directory}/{name}" for name in PRETRAINED_FILES] if directory else []
-
-
 rule fetch_pretrained:
     output:
         "resources/pretrained/{checkpoint}/{file}",
@@ -24,16 +15,6 @@ rule fetch_pretrained:
         ENV
     script:
         "../scripts/fetch_pretrained.py"
-
-
-# Models trained in two jobs: a first stage (scLDM's autoencoder) whose output the main training job reads.
-AUTOENCODER_MODELS = {"scldm"}
-
-
-def autoencoder_input(wildcards):
-    if config["models"][wildcards.model]["type"] in AUTOENCODER_MODELS:
-        return f"results/{wildcards.dataset}/{wildcards.model}/autoencoder"
-    return []
 
 
 rule train_autoencoder:

@@ -1,13 +1,4 @@
 # Paper tables (reported vs reproduced, one status per cell) and the HTML report.
-import yaml
-
-
-def table_runs(table):
-    """(run dataset, model) pairs a table's cells need, split into configured and not configured."""
-    spec = yaml.safe_load(Path(config["tables"][table]["spec"]).read_text())
-    mapping = config["tables"][table]["datasets"]
-    wanted = {(mapping.get(c["dataset"], c["dataset"]), c["model"]) for c in spec["cells"]}
-    return sorted(p for p in wanted if p in PAIRS), sorted(p for p in wanted if p not in PAIRS)
 
 
 rule paper_table:
@@ -65,13 +56,6 @@ rule report:
         ENV
     script:
         "../scripts/report.py"
-
-
-def scfate_log_files(wildcards):
-    """Each JSON/CSV log is an input, so adding or editing one re-runs the audit; [] if unset or absent."""
-    from perturb_repro.tables.scfate_audit import log_files
-
-    return [str(p) for p in log_files(config.get("audit", {}).get("scfate_logs") or None)]
 
 
 rule scfate_table1_audit:

@@ -7,22 +7,6 @@
 # the merged table as cell-eval computes them). Predictions are always read from predictions.h5ad.
 
 
-def _score_shards():
-    return int(config["scoring"].get("shards", 1))
-
-
-def _score_inputs(w):
-    base = {
-        "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
-        "truth": f"results/{w.dataset}/test_truth.h5ad",
-    }
-    n = _score_shards()
-    if n > 1:
-        base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
-        base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
-    return base
-
-
 rule score_predictions:
     input:
         unpack(_score_inputs),
