@@ -30,7 +30,7 @@ from transformers.models.esm.configuration_esm import get_default_vocab_list
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FASTA = REPO / "resources" / "esm2" / "demo_sequences.fasta"
-DEVEL_H5AD = Path("/work/shared/data/perturbench_devel/devel.h5ad")
+DEVEL_H5AD = REPO / "resources" / "demo" / "perturbench_devel.h5ad"  # shipped with the repository
 # The perturbed genes of the demo data (perturbench devel subset), frozen here so the resource check
 # does not need the data; test_demo_gene_list_matches_data checks it against the data when present.
 DEMO_GENES = [
@@ -223,7 +223,6 @@ def test_placeholder_fasta_resource_matches_generator(tmp_path: Path) -> None:
     assert placeholder_sequence("BPGM")[:12] == "TYNDNVKSIEQE"
 
 
-@pytest.mark.skipif(not DEVEL_H5AD.exists(), reason="demo data not available")
 def test_demo_gene_list_matches_data() -> None:
     import anndata as ad
 

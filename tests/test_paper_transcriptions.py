@@ -15,8 +15,7 @@ from perturb_repro.tables.paper_table import TableSpec, load_table_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "resources" / "paper_tables"
-SEEDS = Path("/work/shared/seeds")
-needs_seeds = pytest.mark.skipif(not SEEDS.is_dir(), reason="shared seeds (/work/shared/seeds) not available")
+from seeds import SEEDS_DIR as SEEDS, needs_seeds  # noqa: E402  (tests/ is on sys.path)
 
 PRIMEFLOW_SPECS = [f"primeflow_table{n}.yaml" for n in range(2, 10)]
 SPECS = ["cellflow_norman.yaml", "scgpt_replogle.yaml", "scldm_cd4.yaml", *PRIMEFLOW_SPECS]
@@ -214,7 +213,7 @@ def _primeflow_tables(text: str) -> list[tuple[tuple[str, str], list[str], list[
 @pytest.fixture(scope="module")
 def primeflow_tables():
     if not SEEDS.is_dir():
-        pytest.skip("shared seeds (/work/shared/seeds) not available")
+        pytest.skip(f"seed texts not found at {SEEDS}")
     return _primeflow_tables(_seed("primeflow_paper.txt"))
 
 

@@ -21,11 +21,12 @@ from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
 import perturb_repro.trainer as trainer_mod
 from fakes import SignalAfter
+from seeds import needs_seeds, seed_path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = yaml.safe_load((REPO / "config" / "presets" / "primeflow.yaml").read_text())
 HPARAMS = yaml.safe_load((REPO / "resources" / "paper_tables" / "primeflow_hparams.yaml").read_text())
-SEED_TEXT = Path("/work/shared/seeds/primeflow_paper.txt")
+SEED_TEXT = seed_path("primeflow_paper.txt")
 PAPER = sorted(k for k in PRESETS if k.startswith("paper_"))
 TINY = ["tiny", "tiny_mlp", "tiny_fm_pca", "tiny_fm_pca_ot"]
 
@@ -94,7 +95,7 @@ def _seed_rows() -> list:
     return out
 
 
-@pytest.mark.skipif(not SEED_TEXT.exists(), reason="shared seeds not available")
+@needs_seeds
 def test_transcription_is_the_seed_appendix():
     transcribed = []
     for table in HPARAMS["tables"]:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from perturb_repro.errors import PipelineInputError
+from seeds import needs_seeds, seed_path
 from perturb_repro.tables.scfate_audit import (
     OUTPUT_COLUMNS,
     audit_table1,
@@ -25,7 +26,7 @@ from perturb_repro.tables.scfate_audit import (
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_PATH = REPO / "resources" / "paper_tables" / "scfate_table1.yaml"
-CARD_PATH = Path("/work/shared/seeds/scfate_card.txt")
+CARD_PATH = seed_path("scfate_card.txt")
 CARD_JSON = "sciplex3_iter214_multi_metric_router_ensemble.json"
 
 # The card does not print Norman and K562-reflow cos/PDE; these stand-ins let the card's
@@ -94,6 +95,7 @@ def _small_spec(tmp_path: Path, cells: str) -> Path:
 # The committed spec is a faithful transcription of the card
 
 
+@needs_seeds
 def test_spec_loads_and_transcribes_card_verbatim():
     spec = load_audit_spec(SPEC_PATH)
     card = " ".join(CARD_PATH.read_text(encoding="utf-8").split())

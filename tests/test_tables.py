@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from perturb_repro.errors import PipelineInputError
+from seeds import needs_seeds, seed_path
 from perturb_repro.tables.paper_table import (
     OUTPUT_COLUMNS,
     STATUSES,
@@ -21,7 +22,7 @@ from perturb_repro.tables.paper_table import (
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_PATH = REPO / "resources" / "paper_tables" / "cellflow_norman.yaml"
-CARD_PATH = Path("/work/shared/seeds/cellflow_norman_card.txt")
+CARD_PATH = seed_path("cellflow_norman_card.txt")
 
 METRIC_COLUMNS = ["metric", "count", "mean", "std", "min", "q25", "median", "q75", "max"]
 
@@ -262,7 +263,7 @@ def _parse_card_table(text: str) -> dict[tuple[str, str], str]:
     return values
 
 
-@pytest.mark.skipif(not CARD_PATH.exists(), reason="shared seeds not available")
+@needs_seeds
 def test_spec_matches_card_verbatim() -> None:
     card = _parse_card_table(CARD_PATH.read_text(encoding="utf-8"))
     assert len(card) == 30
