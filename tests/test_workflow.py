@@ -163,6 +163,9 @@ def test_provenance_manifest(demo_run):
     assert manifest["settings"]["params"]["training"]["num_iterations"] == 1500
     assert manifest["packages"]["cellflow-tools"] == "0.0.6"
     assert manifest["wall_seconds"]["train/cellflow"] > 0
+    from perturb_repro.provenance import code_digest
+
+    assert manifest["code_version"] == "tree-sha256:" + code_digest(demo_run)  # the copy has no .git
 
 
 @pytest.mark.slow

@@ -12,12 +12,31 @@ from typing import Any, Iterable, Mapping
 PACKAGES = ("cellflow-tools", "cell-eval", "anndata", "scanpy", "jax", "torch", "transformers", "snakemake")
 
 
+# What makes a result: the workflow's code and the presets. Outside a git checkout (a copied tree, an unpacked
+# release) the code version is their content digest, so it is never "unknown".
+CODE_GLOBS = ("Snakefile", "workflow/**/*.py", "workflow/**/*.smk", "workflow/**/*.yaml", "config/presets/*.yaml")
+
+
+def code_digest(repo: Path) -> str:
+    """sha256 over the relative paths and bytes of the code files (CODE_GLOBS), in path order."""
+    files = sorted({f for pattern in CODE_GLOBS for f in repo.glob(pattern) if f.is_file() and "__pycache__" not in f.parts})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def code_version(repo: Path = Path(__file__).resolve().parents[3]) -> str:
+    """``git describe --always --dirty`` of the checkout, or ``tree-sha256:<code_digest>`` without git."""
     try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+        out = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except OSError:  # no git on the node
+        pass
+    return "tree-sha256:" + code_digest(repo)
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
