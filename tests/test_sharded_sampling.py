@@ -227,3 +227,24 @@ def test_paper_replogle_scgpt_plans_its_shards(scratch):
     assert all(f"gpu={gpu}" in res for _, res in shards)  # each shard is its own GPU job
     assert [r for r, _, _ in jobs].count("merge_predictions") == 1
     assert "sample_model" not in [r for r, _, _ in jobs]
+
+
+def test_a_rerun_in_a_new_process_gives_the_same_file(demo, tmp_path):
+    """A requeued or retried sampling job (a fresh interpreter: new RNG state, new JAX/torch start-up) writes
+    the same predictions.h5ad bit for bit as the first run."""
+    import json
+    import subprocess
+    import sys
+
+    run = demo["norman_demo"]
+    here = _predict(run, "norman_demo", "primeflow", SAMPLING, tmp_path / "here.h5ad")
+    cfg = run["models"]["primeflow"]
+    job = {"args": ["norman_demo", "primeflow", run["truth"], run["processed"], run["pca"], "", cfg,
+                    model_params(cfg), SAMPLING, str(run["root"] / "primeflow" / "checkpoint"),
+                    str(tmp_path / "there.h5ad")]}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from perturb_repro import steps; "
+            "steps.predict_step(*json.loads(sys.argv[2])['args'])")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "workflow" / "src"), json.dumps(job)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same_file(here, ad.read_h5ad(tmp_path / "there.h5ad"))
