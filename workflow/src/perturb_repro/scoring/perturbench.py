@@ -91,6 +91,7 @@ import scipy.sparse as sp
 
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.io import write_csv
+from perturb_repro.scoring.pb_cells import Cells, Kernel, Points, condition_stats, energy_matrix, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ SUMMARY_COLUMNS = ("metric", "count", "mean", "std", "min", "q25", "median", "q7
 SETTINGS_COLUMN = "settings"  # perturbench.csv's last column: the Options used (JSON)
 LOGFC_PSEUDOCOUNT = 0.1  # aggregation.py: aggregate_adata(pseudocount=0.1)
 DE_METHOD = "t-test_overestim_var"  # aggregation.py: aggregate_adata(de_method=...)
-_DIST_CLAMP = 1e-8  # geomloss: distances = sqrt(clamp_min(squared_distances, 1e-8))
 _BLOCK = 2048  # rows per block in pairwise-distance sums
 
 
@@ -272,78 +272,6 @@ def _backend(device: str) -> str:
     return "numpy"
 
 
-# --------------------------------------------------------------------------- cells grouped by condition
-
-
-def _rows(x, idx: np.ndarray, dtype=None) -> np.ndarray:
-    """Dense rows ``idx`` of ``x`` (one block; the whole matrix is never copied)."""
-    block = x[idx]
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return block if dtype is None or block.dtype == dtype else block.astype(dtype)
-
-
-@dataclass
-class _Cells:
-    """Rows of one matrix that belong to conditions ``0..C-1``, ordered by condition (indices only)."""
-
-    x: object
-    rows: np.ndarray  # indices into x, sorted by condition
-    codes: np.ndarray  # condition code of each sorted row
-    counts: np.ndarray  # (C,)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.counts)])
-
-    @classmethod
-    def of(cls, x, labels: np.ndarray, conditions: list[str], candidates: np.ndarray) -> "_Cells":
-        codes = pd.Categorical(labels[candidates], categories=conditions).codes.astype(np.int64)
-        keep = codes >= 0
-        rows, codes = candidates[keep], codes[keep]
-        order = np.argsort(codes, kind="stable")
-        return cls(x, rows[order], codes[order], np.bincount(codes, minlength=len(conditions)))
-
-    def subsample(self, m: int | None, rng: np.random.Generator) -> "_Cells":
-        """At most ``m`` rows per condition, drawn without replacement (seeded); ``None`` = all rows."""
-        if m is None or self.counts.max(initial=0) <= m:
-            return self
-        offsets = self.offsets
-        keep = []
-        for c in range(len(self.counts)):
-            n = int(self.counts[c])
-            pick = np.arange(n) if n <= m else np.sort(rng.choice(n, size=m, replace=False))
-            keep.append(offsets[c] + pick)
-        keep = np.concatenate(keep)
-        return _Cells(self.x, self.rows[keep], self.codes[keep], np.minimum(self.counts, m))
-
-
-def _segments(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique codes, start of each run) of a sorted code array."""
-    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-    return codes[starts], starts
-
-
-def _stats(cells: _Cells, n_genes: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-condition mean and scanpy variance ``(C, G)`` float64, in row blocks.
-
-    As scanpy's ``_get_mean_var`` (what ``rank_genes_groups`` uses): mean and mean of the element-wise
-    squares in the input dtype, both accumulated in float64, ``var = (E[x^2] - E[x]^2) * n / (n - 1)``.
-    """
-    n_cond = len(cells.counts)
-    sums = np.zeros((n_cond, n_genes))
-    sq = np.zeros((n_cond, n_genes))
-    for i0 in range(0, len(cells.rows), block):
-        xb = _rows(cells.x, cells.rows[i0 : i0 + block])
-        uniq, starts = _segments(cells.codes[i0 : i0 + block])
-        sums[uniq] += np.add.reduceat(xb, starts, axis=0, dtype=np.float64)
-        sq[uniq] += np.add.reduceat(xb * xb, starts, axis=0, dtype=np.float64)
-    n = cells.counts[:, None].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = sums / n
-        var = (sq / n - mean**2) * np.where(n > 1, n / (n - 1), 1.0)
-    return mean, var
-
-
 # --------------------------------------------------------------------------- aggregations
 
 
@@ -366,11 +294,11 @@ def fit_pca(x, rows: np.ndarray, n_comps: int, mask: np.ndarray | None, block: i
     cols = np.flatnonzero(mask) if mask is not None else np.arange(n_genes)
     total = np.zeros(n_genes)
     for i0 in range(0, len(rows), block):
-        total += _rows(x, rows[i0 : i0 + block]).sum(axis=0, dtype=np.float64)
+        total += read_rows(x, rows[i0 : i0 + block]).sum(axis=0, dtype=np.float64)
     mean = total / len(rows)
     cov = np.zeros((len(cols), len(cols)))
     for i0 in range(0, len(rows), block):
-        xc = _rows(x, rows[i0 : i0 + block], np.float64)[:, cols] - mean[cols]
+        xc = read_rows(x, rows[i0 : i0 + block], np.float64)[:, cols] - mean[cols]
         cov += xc.T @ xc
     k = min(n_comps, len(rows), len(cols))
     if k < n_comps:
@@ -382,11 +310,11 @@ def fit_pca(x, rows: np.ndarray, n_comps: int, mask: np.ndarray | None, block: i
     return mean, loadings
 
 
-def _project(cells: _Cells, mean: np.ndarray, loadings: np.ndarray, block: int) -> np.ndarray:
+def _project(cells: Cells, mean: np.ndarray, loadings: np.ndarray, block: int) -> np.ndarray:
     """PC coordinates of the sorted rows of ``cells``: ``(x - mean) @ loadings.T`` (float64, (n, k))."""
     out = np.empty((len(cells.rows), loadings.shape[0]))
     for i0 in range(0, len(cells.rows), block):
-        out[i0 : i0 + block] = (_rows(cells.x, cells.rows[i0 : i0 + block], np.float64) - mean) @ loadings.T
+        out[i0 : i0 + block] = (read_rows(cells.x, cells.rows[i0 : i0 + block], np.float64) - mean) @ loadings.T
     return out
 
 
@@ -448,119 +376,6 @@ def _rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0) / a.shape[1])
 
 
-class _Points:
-    """Sorted rows of one side of an energy distance, served in blocks of the compute dtype."""
-
-    def __init__(self, cells: _Cells, dtype, center: np.ndarray | None = None, coords: np.ndarray | None = None):
-        self.codes, self.counts, self.offsets = cells.codes, cells.counts, cells.offsets
-        self._cells, self._dtype, self._coords = cells, dtype, coords
-        self._center = None if center is None else center.astype(dtype)
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def block(self, i0: int, i1: int) -> np.ndarray:
-        if self._coords is not None:
-            return self._coords[i0:i1].astype(self._dtype, copy=False)
-        b = _rows(self._cells.x, self._cells.rows[i0:i1], self._dtype)
-        return b - self._center if self._center is not None else b
-
-
-class _Kernel:
-    """sqrt(max(|a_i - b_j|^2, 1e-8)) blocks and their per-condition sums, on numpy or torch (CUDA)."""
-
-    def __init__(self, backend: str):
-        self.torch = None
-        if backend == "torch-cuda":
-            import torch
-
-            self.torch, self.device = torch, torch.device("cuda")
-
-    def dist(self, a, b, na, nb, zero_diagonal: bool):
-        if self.torch is not None:
-            a, b = self.torch.as_tensor(a, device=self.device), self.torch.as_tensor(b, device=self.device)
-            na, nb = self.torch.as_tensor(na, device=self.device), self.torch.as_tensor(nb, device=self.device)
-            d2 = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
-            if zero_diagonal:
-                d2.fill_diagonal_(0.0)
-            return self.torch.sqrt(self.torch.clamp_min(d2, _DIST_CLAMP))
-        d2 = a @ b.T
-        d2 *= -2.0
-        d2 += na[:, None]
-        d2 += nb[None, :]
-        if zero_diagonal:
-            np.fill_diagonal(d2, 0.0)  # the exact |x - x| = 0, which the expansion only approximates
-        np.maximum(d2, _DIST_CLAMP, out=d2)
-        return np.sqrt(d2, out=d2)
-
-    def total(self, d) -> float:
-        if self.torch is not None:
-            return float(d.sum(dtype=self.torch.float64))
-        return float(d.sum(dtype=np.float64))
-
-    def segment_sums(self, d, codes_a: np.ndarray, codes_b: np.ndarray):
-        """(unique a codes, unique b codes, float64 sums of d over each (a condition, b condition) tile)."""
-        ua, sa = _segments(codes_a)
-        ub, sb = _segments(codes_b)
-        if self.torch is not None:
-            t = self.torch
-            ia = t.as_tensor(np.repeat(np.arange(len(ua)), np.diff(np.r_[sa, len(codes_a)])), device=self.device)
-            ib = t.as_tensor(np.repeat(np.arange(len(ub)), np.diff(np.r_[sb, len(codes_b)])), device=self.device)
-            rows = t.zeros((len(ua), d.shape[1]), dtype=t.float64, device=self.device).index_add_(0, ia, d.double())
-            tiles = t.zeros((len(ua), len(ub)), dtype=t.float64, device=self.device).index_add_(1, ib, rows)
-            return ua, ub, tiles.cpu().numpy()
-        rows = np.add.reduceat(d, sa, axis=0, dtype=np.float64)
-        return ua, ub, np.add.reduceat(rows, sb, axis=1)
-
-
-def _sq_norms(a):
-    return (a * a).sum(axis=1)
-
-
-def _self_means(points: _Points, kernel: _Kernel, block: int) -> np.ndarray:
-    """Per condition c: mean over all ordered pairs (diagonal included) of cells of c."""
-    out = np.zeros(len(points.counts))
-    offsets = points.offsets
-    for c in range(len(points.counts)):
-        o0, o1 = int(offsets[c]), int(offsets[c + 1])
-        total = 0.0
-        for a0 in range(o0, o1, block):
-            a = points.block(a0, min(a0 + block, o1))
-            na = _sq_norms(a)
-            for b0 in range(a0, o1, block):
-                if b0 == a0:
-                    total += kernel.total(kernel.dist(a, a, na, na, zero_diagonal=True))
-                else:
-                    b = points.block(b0, min(b0 + block, o1))
-                    total += 2.0 * kernel.total(kernel.dist(a, b, na, _sq_norms(b), zero_diagonal=False))
-        n = o1 - o0
-        out[c] = total / (n * n) if n else np.nan
-    return out
-
-
-def energy_matrix(pred: _Points, truth: _Points, kernel: _Kernel, block: int) -> np.ndarray:
-    """M[i, j] = geomloss energy loss between predicted set i and true set j, for all pairs at once.
-
-    ``E|x-y| - E|x-x'|/2 - E|y-y'|/2`` with ``|.| = sqrt(max(d^2, 1e-8))``: the cross sums come from one
-    blockwise pass over (all predicted cells) x (all true cells), each distance block summed per
-    (condition, condition) tile; the self terms from each condition's own blocks.
-    """
-    cross = np.zeros((len(pred.counts), len(truth.counts)))
-    for i0 in range(0, len(pred), block):
-        i1 = min(i0 + block, len(pred))
-        a = pred.block(i0, i1)
-        na = _sq_norms(a)
-        for j0 in range(0, len(truth), block):
-            j1 = min(j0 + block, len(truth))
-            b = truth.block(j0, j1)
-            d = kernel.dist(a, b, na, _sq_norms(b), zero_diagonal=False)
-            ua, ub, tiles = kernel.segment_sums(d, pred.codes[i0:i1], truth.codes[j0:j1])
-            cross[np.ix_(ua, ub)] += tiles
-    n_p, n_t = pred.counts.astype(np.float64), truth.counts.astype(np.float64)
-    self_p, self_t = _self_means(pred, kernel, block), _self_means(truth, kernel, block)
-    return cross / np.outer(n_p, n_t) - 0.5 * self_p[:, None] - 0.5 * self_t[None, :]
-
-
 # --------------------------------------------------------------------------- ranks
 
 
@@ -612,17 +427,17 @@ def _score_group(
     """All metrics for the conditions of one group: predicted rows vs true rows vs that group's true controls."""
     block = int(opts.block_size)
     n_genes = len(genes)
-    p_cells = _Cells.of(pred_x, pred_labels, conditions, pred_rows)
-    t_cells = _Cells.of(truth_x, truth_labels, conditions, truth_rows)
-    ctrl = _Cells.of(truth_x, truth_labels, [control_label], truth_rows)
+    p_cells = Cells.of(pred_x, pred_labels, conditions, pred_rows)
+    t_cells = Cells.of(truth_x, truth_labels, conditions, truth_rows)
+    ctrl = Cells.of(truth_x, truth_labels, [control_label], truth_rows)
     for cells, what in ((p_cells, "predicted"), (t_cells, "true")):
         few = [c for c, n in zip(conditions, cells.counts) if n < 2]
         if few:  # the t-test needs a variance, the energy self-terms pairs
             raise PipelineInputError("perturbench_metrics()", "obs (condition, group)", f"condition(s) with fewer than 2 {what} cells in their group: {few[:5]}")
 
-    p_mean, p_var = _stats(p_cells, n_genes, block)
-    t_mean, t_var = _stats(t_cells, n_genes, block)
-    c_mean, c_var = _stats(ctrl, n_genes, block)
+    p_mean, p_var = condition_stats(p_cells, n_genes, block)
+    t_mean, t_var = condition_stats(t_cells, n_genes, block)
+    c_mean, c_var = condition_stats(ctrl, n_genes, block)
     c_mean, c_var = c_mean[0], c_var[0]
 
     mats: dict[str, np.ndarray] = {}
@@ -630,17 +445,17 @@ def _score_group(
     mats["rmse_average"] = _rmse_matrix(p_mean, t_mean)
 
     backend = _backend(opts.device)
-    kernel = _Kernel(backend)
+    kernel = Kernel(backend)
     dtype = np.dtype(opts.distance_dtype)
     rng = _rng(seed, "max_cells_per_condition")
     p_e = p_cells.subsample(opts.max_cells_per_condition, rng)
     t_e = t_cells.subsample(opts.max_cells_per_condition, rng)
     pc_mean, loadings = pca
     # centring on the truth's mean leaves every distance unchanged and keeps |x|^2 small (round-off)
-    mats["mmd_gex"] = energy_matrix(_Points(p_e, dtype, center=pc_mean), _Points(t_e, dtype, center=pc_mean), kernel, block)
+    mats["mmd_gex"] = energy_matrix(Points(p_e, dtype, center=pc_mean), Points(t_e, dtype, center=pc_mean), kernel, block)
     mats["mmd_pca"] = energy_matrix(
-        _Points(p_e, dtype, coords=_project(p_e, pc_mean, loadings, block)),
-        _Points(t_e, dtype, coords=_project(t_e, pc_mean, loadings, block)),
+        Points(p_e, dtype, coords=_project(p_e, pc_mean, loadings, block)),
+        Points(t_e, dtype, coords=_project(t_e, pc_mean, loadings, block)),
         kernel, block,
     )
 
