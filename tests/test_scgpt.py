@@ -14,6 +14,7 @@ import torch
 from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import _scgpt_loading as loading
 from perturb_repro.models import scgpt as sg
+from perturb_repro.models import scgpt_training as sg_training
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
 import perturb_repro.trainer as trainer_mod
@@ -406,7 +407,7 @@ def test_fit_stops_early_and_keeps_the_best_epoch(tmp_path, monkeypatch, small, 
         snapshots[epoch + 1] = {k: v.clone() for k, v in net.state_dict().items()}
         return {"pearson_delta": next(curve), "mse": 0.0, "n_conditions": 1}
 
-    monkeypatch.setattr(sg, "validate", scripted)
+    monkeypatch.setattr(sg_training, "validate", scripted)
     sg.ScGPTModel().fit(train, val, context, _params(max_epochs=10, early_stop_patience=3), tmp_path)
     stats = json.loads((tmp_path / sg.STATS_FILE).read_text())
     assert stats["stop_reason"] == "early_stop" and stats["epochs_trained"] == 5 and stats["best_epoch"] == 2

@@ -69,7 +69,8 @@ MODEL_REGISTRY: dict[str, str] = {
 
 # Private modules a model's code also lives in: a change to them retrains the model too.
 MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
-    "scgpt": ["perturb_repro.models._scgpt_loading"],
+    "scgpt": ["perturb_repro.models._scgpt_loading", "perturb_repro.models.scgpt_network",
+              "perturb_repro.models.scgpt_tokens", "perturb_repro.models.scgpt_training"],
     "primeflow": ["perturb_repro.models._unet1d", "perturb_repro.models._flow"],
     "scldm": ["perturb_repro.models._scldm_nets", "perturb_repro.models._flow"],
     "cpa": ["perturb_repro.models.perturbench_baselines"],
