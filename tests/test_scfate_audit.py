@@ -386,3 +386,26 @@ def test_cli_without_logs(tmp_path, capsys):
     assert main(["--spec", str(SPEC_PATH), "--csv", str(out_csv), "--md", str(tmp_path / "o.md")]) == 0
     assert "backed 0, differs 0, unverifiable 8" in capsys.readouterr().out
     assert pd.read_csv(out_csv)["found_value"].isna().all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The key checks are a JSON schema (workflow/schemas/scfate_audit.schema.yaml)
+
+
+def test_audit_schema_file_validates_the_spec_and_rejects_a_bad_token():
+    import jsonschema
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "scfate_audit.schema.yaml").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    doc = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
+    assert not list(validator.iter_errors(doc))
+    doc["datasets"]["norman"]["tokens"] = ["Norman"]
+    assert not validator.is_valid(doc)
+
+
+def test_card_fact_file_without_key_names_the_field(tmp_path):
+    spec = _small_spec(tmp_path, "  - {dataset: sciplex3, metric: DA, reported: \"0.7\", printed_in: x, card_fact: {outcome: backed, quote: q, file: a.json}}\n")
+    with pytest.raises(PipelineInputError, match="together") as info:
+        load_audit_spec(spec)
+    assert info.value.field == "cells[0].card_fact.file"

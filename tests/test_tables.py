@@ -398,3 +398,80 @@ def test_spec_without_additions_is_unchanged() -> None:
     spec = load_table_spec(SPEC_PATH)
     assert spec.assumptions == () and spec.blank_cells == ()
     assert all(not c.blank and c.reported_std is None and c.reported_label == c.reported for c in spec.cells)
+
+
+# --------------------------------------------------------------------------------------------------
+# The key checks are a JSON schema (workflow/schemas/paper_table.schema.yaml), not code
+
+
+PAPER_SCHEMA = REPO / "workflow" / "schemas" / "paper_table.schema.yaml"
+
+
+def _schema_validator():
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(PAPER_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_every_shipped_paper_spec_is_valid_under_the_schema_file() -> None:
+    # plain jsonschema against the schema file, independent of our loader
+    import yaml
+
+    validator = _schema_validator()
+    specs = [p for p in sorted((REPO / "resources" / "paper_tables").glob("*.yaml")) if p.stem not in ("scfate_table1", "primeflow_hparams")]
+    assert len(specs) >= 10
+    for path in specs:
+        errors = list(validator.iter_errors(yaml.safe_load(path.read_text(encoding="utf-8"))))
+        assert not errors, (path.name, errors[0].message)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '{dataset: d, model: m, metric: a, statistic: mode, reported: "0.1"}',
+        '{dataset: d, model: m, metric: a, statistic: mean, reported: 0.5630}',
+        '{dataset: d, model: m, metric: a, statistic: mean, reported: "N/A"}',
+        '{dataset: d, model: m, metric: a, statistic: mean, reported: "0.5", blank: true}',
+        '{dataset: d, model: m, metric: a, statistic: mean, reported: "", blank: true, tolerance: 0.1}',
+        '{dataset: d, model: m, metric: a, statistic: mean, reported: "0.5", reported_std: "-0.1"}',
+    ],
+)
+def test_schema_file_itself_rejects_bad_cells(tmp_path: Path, cell: str) -> None:
+    # the rule lives in the schema: jsonschema alone (no perturb_repro code) rejects the cell
+    import yaml
+
+    doc = yaml.safe_load(_write_spec(tmp_path, f"  - {cell}\n").read_text())
+    assert not _schema_validator().is_valid(doc)
+
+
+def test_statistics_and_cell_fields_come_from_the_schema() -> None:
+    import dataclasses
+
+    import yaml
+
+    from perturb_repro.tables.paper_spec import STATISTICS, CellSpec
+
+    cell = yaml.safe_load(PAPER_SCHEMA.read_text(encoding="utf-8"))["$defs"]["cell"]
+    assert list(STATISTICS) == cell["properties"]["statistic"]["enum"]
+    assert {f.name for f in dataclasses.fields(CellSpec)} == set(cell["properties"])
+
+
+def test_non_finite_tolerance_is_rejected(tmp_path: Path) -> None:
+    # JSON Schema's minimum lets .nan through; the loader must not
+    path = _write_spec(tmp_path, '  - {dataset: d, model: m, metric: a, statistic: mean, reported: "0.1", tolerance: .nan}\n')
+    with pytest.raises(PipelineInputError, match="finite") as info:
+        load_table_spec(path)
+    assert info.value.field == "cells[0].tolerance"
+
+
+def test_markdown_table_helper_escapes_and_aligns() -> None:
+    from perturb_repro.tables.markdown import md_table, ordered_counts
+
+    lines = md_table(["a", "b"], "lr", [["x|y", float("nan")], [None, 1.5]])
+    assert lines == ["| a | b |", "|---|---:|", "| x\\|y |  |", "|  | 1.5 |"]
+    with pytest.raises(ValueError):
+        md_table(["a"], "lr", [])
+    assert ordered_counts(["b", "z", "b"], ["a", "b"]) == {"a": 0, "b": 2, "z": 1}

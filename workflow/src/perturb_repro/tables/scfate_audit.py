@@ -21,10 +21,8 @@ Matching rule (also written into the Markdown output, see :data:`MATCHING_RULE`)
   reported, ``d = found - reported`` in the printed unit.
 * ``unverifiable``: no logs, no candidate, or the card does not print the cell's value.
 
-Log formats: ``*.json`` - nested dicts/lists flattened with dots (``a.b.0.c``), numeric leaves only
-(bools, strings, NaN/inf skipped). ``*.csv`` - if the first column is non-numeric it labels the rows
-and every other numeric cell gives ``column:label``; otherwise a single-row CSV gives ``column`` and a
-multi-row CSV gives ``column:row_index``. Files and directories starting with ``.`` are ignored.
+Modules: :mod:`~perturb_repro.tables.scfate_spec` (the spec), :mod:`~perturb_repro.tables.scfate_logs`
+(reading the logs), this one (matching, verdicts, output, CLI).
 
 CLI::
 
@@ -36,36 +34,41 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import numbers
-import re
 import sys
-from collections import Counter
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
-import yaml
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import write_csv, write_text
-from perturb_repro.tables.paper_table import format_value, is_match
-
-SCHEMA_VERSION = 1
-
-VERDICTS: tuple[str, ...] = ("backed", "differs", "unverifiable")
+from perturb_repro.tables.markdown import md_bullets, md_cell, md_source_header, md_table, ordered_counts, write_csv_and_markdown
+from perturb_repro.tables.printed import format_value, is_match
+from perturb_repro.tables.scfate_logs import (  # noqa: F401 - re-exported: callers import the log API from here
+    LogValue,
+    collect_log_values,
+    flatten_json,
+    log_files,
+    read_csv_log,
+    read_json_log,
+)
+from perturb_repro.tables.scfate_spec import (  # noqa: F401 - re-exported
+    SCHEMA_VERSION,
+    UNITS,
+    VERDICTS,
+    AuditCell,
+    AuditSpec,
+    CardFact,
+    load_audit_spec,
+    tokens,
+)
 
 VERDICT_DESCRIPTIONS: dict[str, str] = {
     "backed": "a candidate log value, rounded to the printed decimals, equals the printed number",
     "differs": "candidates exist but none prints as the published number; the nearest one is shown",
     "unverifiable": "no logs, no candidate value for this dataset/metric, or the value is not printed on the card",
 }
-
-UNITS: tuple[str, ...] = ("as-logged", "percent-of-logged")
-_UNIT_FACTOR = {"as-logged": 1.0, "percent-of-logged": 100.0}
 
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -99,394 +102,6 @@ AGREEMENT_RULE = (
     "x's decimals, is within one unit of x's last decimal of x. NA when the card makes no claim, when no "
     "logs were found, or when the card does not print the cell's value."
 )
-
-_REPORTED_RE = re.compile(r"^[+-]?\d+(\.\d+)?$")
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
-_LOG_SUFFIXES = {".json", ".csv"}
-
-_TOP_KEYS = {"schema_version", "table", "title", "source", "notes", "ambiguities", "datasets", "metrics", "cells"}
-_CELL_KEYS = {"dataset", "metric", "variant", "variant_tokens", "reported", "unit", "printed_in", "card_fact"}
-_FACT_KEYS = {"outcome", "file", "key", "value", "difference_approx", "quote", "applies_to"}
-
-
-def tokens(text: str) -> frozenset[str]:
-    """Lower-cased ``[a-z0-9]+`` runs of ``text`` (the unit of every name match)."""
-    return frozenset(_TOKEN_RE.findall(str(text).lower()))
-
-
-# --------------------------------------------------------------------------------------------------
-# Spec
-
-
-@dataclass(frozen=True)
-class CardFact:
-    """The card's own claim about one cell.
-
-    Attributes:
-        outcome: ``backed``, ``differs`` or ``unverifiable``.
-        file: (backed) file name the card says backs the cell.
-        key: (backed) flattened key inside that file.
-        value: (backed) the value the card quotes for that key, as printed.
-        difference_approx: (differs) the card's ``~x``, unsigned, as printed.
-        quote: Verbatim card text.
-        applies_to: How the quote was mapped onto this cell.
-    """
-
-    outcome: str
-    quote: str
-    file: str | None = None
-    key: str | None = None
-    value: str | None = None
-    difference_approx: str | None = None
-    applies_to: str | None = None
-
-    def describe(self) -> str:
-        """Short text for the ``expected`` column."""
-        if self.outcome == "backed":
-            where = f" ({self.file}:{self.key}" + (f" = {self.value}" if self.value else "") + ")" if self.file else ""
-            return f"backed{where}"
-        if self.outcome == "differs":
-            return f"differs by ~{self.difference_approx}" if self.difference_approx else "differs"
-        return self.outcome
-
-
-@dataclass(frozen=True)
-class AuditCell:
-    """One Table 1 cell as the card shows it (see the spec header for the fields)."""
-
-    dataset: str
-    metric: str
-    variant: str | None
-    reported: str | None
-    unit: str
-    printed_in: str
-    variant_tokens: tuple[str, ...] = ()
-    card_fact: CardFact | None = None
-
-    @property
-    def factor(self) -> float:
-        """Multiply a logged value by this to get the printed unit."""
-        return _UNIT_FACTOR[self.unit]
-
-
-@dataclass(frozen=True)
-class AuditSpec:
-    """A validated audit spec."""
-
-    path: str
-    table: str
-    title: str
-    source_seed: str
-    source_section: str
-    notes: tuple[str, ...]
-    ambiguities: tuple[str, ...]
-    dataset_tokens: dict[str, frozenset[str]]
-    metric_tokens: dict[str, frozenset[str]]
-    cells: tuple[AuditCell, ...]
-
-
-def _str(src: str, data: Mapping[str, Any], key: str, where: str, required: bool = True) -> str | None:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise PipelineInputError(src, where, "is missing")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise PipelineInputError(src, where, f"must be a non-empty string, got {value!r}")
-    return value
-
-
-def _printed_number(src: str, value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        # an unquoted YAML float has already lost its printed precision ("0.700" -> 0.7)
-        raise PipelineInputError(src, where, f"must be a quoted string exactly as printed (e.g. \"0.700\"), got {value!r}")
-    value = value.strip()
-    if not _REPORTED_RE.match(value):
-        raise PipelineInputError(src, where, f"is not a fixed-point number: {value!r}")
-    return value
-
-
-def _check_keys(src: str, raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(map(str, raw)) - allowed)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise PipelineInputError(src, f"{prefix}{unknown[0]}", f"unknown key (allowed: {sorted(allowed)})")
-
-
-def _token_table(src: str, data: Mapping[str, Any], key: str) -> dict[str, frozenset[str]]:
-    raw = data.get(key)
-    if not isinstance(raw, Mapping) or not raw:
-        raise PipelineInputError(src, key, "must be a non-empty mapping NAME -> {tokens: [...]}")
-    table: dict[str, frozenset[str]] = {}
-    for name, entry in raw.items():
-        where = f"{key}.{name}"
-        if not isinstance(entry, Mapping):
-            raise PipelineInputError(src, where, "must be a mapping with key tokens")
-        _check_keys(src, entry, {"tokens"}, where)
-        words = entry.get("tokens")
-        if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
-            raise PipelineInputError(src, f"{where}.tokens", "must be a non-empty list of strings")
-        bad = [w for w in words if tokens(w) != {w}]
-        if bad:
-            raise PipelineInputError(src, f"{where}.tokens", f"{bad[0]!r} is not a single lower-case [a-z0-9] token")
-        table[str(name)] = frozenset(words)
-    return table
-
-
-def _parse_fact(src: str, raw: Any, where: str) -> CardFact | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        raise PipelineInputError(src, where, "must be a mapping or null")
-    _check_keys(src, raw, _FACT_KEYS, where)
-    outcome = raw.get("outcome")
-    if outcome not in VERDICTS:
-        raise PipelineInputError(src, f"{where}.outcome", f"must be one of {list(VERDICTS)}, got {outcome!r}")
-    quote = _str(src, raw, "quote", f"{where}.quote")
-    fact = CardFact(
-        outcome=outcome,
-        quote=quote,
-        file=_str(src, raw, "file", f"{where}.file", required=False),
-        key=_str(src, raw, "key", f"{where}.key", required=False),
-        value=_printed_number(src, raw["value"], f"{where}.value") if raw.get("value") is not None else None,
-        difference_approx=(
-            _printed_number(src, raw["difference_approx"], f"{where}.difference_approx")
-            if raw.get("difference_approx") is not None
-            else None
-        ),
-        applies_to=_str(src, raw, "applies_to", f"{where}.applies_to", required=False),
-    )
-    if (fact.file is None) != (fact.key is None):
-        raise PipelineInputError(src, f"{where}.file", "file and key must be given together")
-    if outcome != "backed" and (fact.file or fact.value):
-        raise PipelineInputError(src, f"{where}.file", f"file/key/value only apply to outcome 'backed', not {outcome!r}")
-    if outcome != "differs" and fact.difference_approx:
-        raise PipelineInputError(src, f"{where}.difference_approx", f"only applies to outcome 'differs', not {outcome!r}")
-    if fact.difference_approx is not None and fact.difference_approx.startswith(("+", "-")):
-        raise PipelineInputError(src, f"{where}.difference_approx", "is unsigned (the card's ~x)")
-    return fact
-
-
-def _parse_cell(src: str, index: int, raw: Any, datasets: Mapping[str, Any], metrics: Mapping[str, Any]) -> AuditCell:
-    where = f"cells[{index}]"
-    if not isinstance(raw, Mapping):
-        raise PipelineInputError(src, where, f"must be a mapping, got {type(raw).__name__}")
-    _check_keys(src, raw, _CELL_KEYS, where)
-    for key in ("dataset", "metric", "printed_in"):
-        _str(src, raw, key, f"{where}.{key}")
-    if "reported" not in raw:
-        raise PipelineInputError(src, f"{where}.reported", "is missing (use null when the card does not print it)")
-    if raw["dataset"] not in datasets:
-        raise PipelineInputError(src, f"{where}.dataset", f"{raw['dataset']!r} is not a key of datasets {sorted(datasets)}")
-    if raw["metric"] not in metrics:
-        raise PipelineInputError(src, f"{where}.metric", f"{raw['metric']!r} is not a key of metrics {sorted(metrics)}")
-    unit = raw.get("unit", "as-logged")
-    if unit not in UNITS:
-        raise PipelineInputError(src, f"{where}.unit", f"must be one of {list(UNITS)}, got {unit!r}")
-    variant_tokens = raw.get("variant_tokens") or []
-    if not isinstance(variant_tokens, list) or any(not isinstance(t, str) or tokens(t) != {t} for t in variant_tokens):
-        raise PipelineInputError(src, f"{where}.variant_tokens", "must be a list of lower-case [a-z0-9] tokens")
-    reported = raw["reported"]
-    return AuditCell(
-        dataset=raw["dataset"],
-        metric=raw["metric"],
-        variant=_str(src, raw, "variant", f"{where}.variant", required=False),
-        reported=None if reported is None else _printed_number(src, reported, f"{where}.reported"),
-        unit=unit,
-        printed_in=raw["printed_in"],
-        variant_tokens=tuple(variant_tokens),
-        card_fact=_parse_fact(src, raw.get("card_fact"), f"{where}.card_fact"),
-    )
-
-
-def _str_list(src: str, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    raw = data.get(key) or []
-    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
-        raise PipelineInputError(src, key, "must be a list of strings")
-    return tuple(raw)
-
-
-def load_audit_spec(path: str | Path) -> AuditSpec:
-    """Load and validate an audit spec (schema in the header of ``scfate_table1.yaml``).
-
-    Raises:
-        PipelineInputError: naming the file and the offending field.
-    """
-    src = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise PipelineInputError(src, "<file>", f"is not valid YAML: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise PipelineInputError(src, "<file>", "top level must be a mapping")
-    _check_keys(src, data, _TOP_KEYS, "")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineInputError(src, "schema_version", f"must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    source = data.get("source")
-    if not isinstance(source, Mapping):
-        raise PipelineInputError(src, "source", "must be a mapping with keys seed and section")
-    datasets = _token_table(src, data, "datasets")
-    metrics = _token_table(src, data, "metrics")
-    cells_raw = data.get("cells")
-    if not isinstance(cells_raw, list) or not cells_raw:
-        raise PipelineInputError(src, "cells", "must be a non-empty list")
-    cells = tuple(_parse_cell(src, i, raw, datasets, metrics) for i, raw in enumerate(cells_raw))
-    seen: dict[tuple[str, str, str | None], int] = {}
-    for i, cell in enumerate(cells):
-        key = (cell.dataset, cell.metric, cell.variant)
-        if key in seen:
-            raise PipelineInputError(src, f"cells[{i}]", f"duplicates cells[{seen[key]}] {key}")
-        seen[key] = i
-    return AuditSpec(
-        path=src,
-        table=_str(src, data, "table", "table"),
-        title=_str(src, data, "title", "title"),
-        source_seed=_str(src, source, "seed", "source.seed"),
-        source_section=_str(src, source, "section", "source.section"),
-        notes=_str_list(src, data, "notes"),
-        ambiguities=_str_list(src, data, "ambiguities"),
-        dataset_tokens=datasets,
-        metric_tokens=metrics,
-        cells=cells,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Logs
-
-
-@dataclass(frozen=True)
-class LogValue:
-    """One numeric value of a saved evaluation log.
-
-    Attributes:
-        file: Path relative to the logs dir, POSIX separators.
-        key: Flattened key (JSON: dotted path; CSV: ``column[:row]``).
-        value: The number as logged.
-    """
-
-    file: str
-    key: str
-    value: float
-
-    @property
-    def path_tokens(self) -> frozenset[str]:
-        return tokens(str(Path(self.file).with_suffix("")))
-
-    @property
-    def key_tokens(self) -> frozenset[str]:
-        return tokens(self.key)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.file}:{self.key}"
-
-
-def _is_number(value: Any) -> bool:
-    # numbers.Real covers numpy scalars (CSV cells); bool is an int subclass but never a metric value
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def flatten_json(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Flatten nested dicts/lists into ``(dotted.key, leaf)`` pairs, in document order.
-
-    List items get their index as a key part (``runs.0.da``); a bare scalar document gets ``(root)``.
-    """
-    if isinstance(obj, Mapping):
-        items: Iterable[tuple[Any, Any]] = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return [(prefix or "(root)", obj)]
-    out: list[tuple[str, Any]] = []
-    for key, value in items:
-        out.extend(flatten_json(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _add(out: dict[str, float], src: str, key: str, value: float) -> None:
-    if key in out and out[key] != value:
-        raise PipelineInputError(src, key, f"occurs twice with different values ({out[key]!r}, {value!r}); the key is ambiguous")
-    out[key] = value
-
-
-def read_json_log(path: str | Path) -> dict[str, float]:
-    """Numeric leaves of a JSON log, keyed by dotted path.
-
-    Raises:
-        PipelineInputError: if the file is not valid JSON, or if flattening makes one key from two
-            different values (e.g. ``{"a.b": 1, "a": {"b": 2}}``).
-    """
-    src = str(path)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise PipelineInputError(src, "<file>", f"is not valid JSON: {exc}") from exc
-    out: dict[str, float] = {}
-    for key, value in flatten_json(data):
-        if _is_number(value):
-            _add(out, src, key, float(value))
-    return out
-
-
-def read_csv_log(path: str | Path) -> dict[str, float]:
-    """Numeric cells of a CSV log, keyed ``column[:row]`` (see the module docstring for the layouts)."""
-    src = str(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be parsed as CSV: {exc}") from exc
-    columns = [str(c) for c in frame.columns]
-    frame.columns = columns
-    labelled = len(columns) > 1 and not pd.api.types.is_numeric_dtype(frame[columns[0]])
-    value_columns = columns[1:] if labelled else columns
-    out: dict[str, float] = {}
-    for i in range(len(frame)):
-        if labelled:
-            suffix = f":{frame.iloc[i, 0]}"
-        else:
-            suffix = "" if len(frame) == 1 else f":{i}"
-        for column in value_columns:
-            value = pd.to_numeric(pd.Series([frame.at[i, column]]), errors="coerce").iloc[0]
-            if _is_number(value):
-                _add(out, src, f"{column}{suffix}", float(value))
-    return out
-
-
-def log_files(logs_dir: str | Path | None) -> list[Path]:
-    """JSON/CSV files under ``logs_dir`` (recursive, sorted, dot-files/dirs skipped); [] if absent.
-
-    Raises:
-        PipelineInputError: if ``logs_dir`` exists but is not a directory.
-    """
-    if logs_dir is None or str(logs_dir) == "":
-        return []
-    root = Path(logs_dir)
-    if not root.exists():
-        return []
-    if not root.is_dir():
-        raise PipelineInputError(str(root), "<dir>", "is not a directory")
-    files = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.is_file() and path.suffix.lower() in _LOG_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
-            files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def collect_log_values(logs_dir: str | Path | None) -> list[LogValue]:
-    """Every numeric value of every log under ``logs_dir``, ordered by file then key order."""
-    values: list[LogValue] = []
-    for path in log_files(logs_dir):
-        rel = path.relative_to(logs_dir).as_posix()
-        reader = read_json_log if path.suffix.lower() == ".json" else read_csv_log
-        values.extend(LogValue(rel, key, value) for key, value in reader(path).items())
-    return values
-
 
 # --------------------------------------------------------------------------------------------------
 # Audit
@@ -642,17 +257,9 @@ def audit_table1(spec_path: str | Path, logs_dir: str | Path | None) -> pd.DataF
 # Output
 
 
-def _md(text: Any) -> str:
-    if text is None or (isinstance(text, float) and math.isnan(text)) or text is pd.NA:
-        return ""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def summary_counts(frame: pd.DataFrame) -> tuple[dict[str, int], dict[str, int]]:
     """(verdict counts in :data:`VERDICTS` order, agreement counts agrees/disagrees/not assessed)."""
-    verdicts = Counter(frame["verdict"].astype(str))
-    ordered = {v: verdicts.pop(v, 0) for v in VERDICTS}
-    ordered.update(sorted(verdicts.items()))
+    ordered = ordered_counts(frame["verdict"].astype(str), VERDICTS)
     agrees = frame["agrees_with_card"].astype("boolean")
     agreement = {
         "agrees": int((agrees == True).sum()),  # noqa: E712 - nullable boolean comparison
@@ -665,53 +272,45 @@ def summary_counts(frame: pd.DataFrame) -> tuple[dict[str, int], dict[str, int]]
 def render_markdown(frame: pd.DataFrame, spec: AuditSpec | None = None) -> str:
     """Markdown report: header, notes, ambiguities, rules, one row per cell, summary."""
     spec = spec or frame.attrs.get("spec")
-    lines: list[str] = []
     if spec is not None:
-        lines += [
-            f"# {_md(spec.title)}",
-            "",
-            f"Source: {_md(spec.source_seed)}, section \"{_md(spec.source_section)}\" (spec: {_md(Path(spec.path).name)})",
-            "",
-        ]
+        lines = md_source_header(spec.title, spec.source_seed, spec.source_section, spec.path)
     else:
-        lines += ["# Table 1 audit against saved evaluation logs", ""]
+        lines = ["# Table 1 audit against saved evaluation logs", ""]
     if "logs_dir" in frame.attrs:
         lines += [
-            f"Logs: `{_md(frame.attrs['logs_dir'])}` ({frame.attrs.get('n_files', 0)} JSON/CSV file(s), "
+            f"Logs: `{md_cell(frame.attrs['logs_dir'])}` ({frame.attrs.get('n_files', 0)} JSON/CSV file(s), "
             f"{frame.attrs.get('n_values', 0)} numeric value(s))",
             "",
         ]
-    if spec is not None and spec.notes:
-        lines += ["Notes:", ""] + [f"- {_md(n)}" for n in spec.notes] + [""]
-    if spec is not None and spec.ambiguities:
-        lines += ["Ambiguities in the card:", ""] + [f"- {_md(a)}" for a in spec.ambiguities] + [""]
-    lines += [f"Matching rule: {MATCHING_RULE}", "", f"Agreement rule: {AGREEMENT_RULE}", "", "Verdicts:", ""]
-    lines += [f"- `{v}`: {VERDICT_DESCRIPTIONS[v]}" for v in VERDICTS]
+    if spec is not None:
+        lines += md_bullets("Notes:", spec.notes) + md_bullets("Ambiguities in the card:", spec.ambiguities)
+    lines += [f"Matching rule: {MATCHING_RULE}", "", f"Agreement rule: {AGREEMENT_RULE}", ""]
+    lines += md_bullets("Verdicts:", [f"`{v}`: {VERDICT_DESCRIPTIONS[v]}" for v in VERDICTS])
     lines += [
-        "",
         "Found values and differences are in the printed unit, at the printed precision + 2 digits; `n/a` means "
         "nothing was compared (never read it as 0).",
         "",
     ]
     header = ["dataset", "metric", "variant", "reported", "status", "found", "difference", "expected (card)", "agrees", "reason"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 4 + ["---"] + ["---:"] * 2 + ["---"] * 3) + "|")
+    rows = []
     for row in frame.itertuples(index=False):
         reported = row.reported if isinstance(row.reported, str) else None
         agrees = row.agrees_with_card
-        cells = [
-            row.dataset,
-            row.metric,
-            row.variant,
-            reported or "(not printed)",
-            row.status,
-            format_value(row.found_value, reported or "0.000"),
-            format_value(row.difference, reported or "0.000", signed=True),
-            row.expected if isinstance(row.expected, str) else "(no card claim)",
-            "n/a" if agrees is pd.NA or agrees is None else ("yes" if agrees else "no"),
-            row.reason,
-        ]
-        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        rows.append(
+            [
+                row.dataset,
+                row.metric,
+                row.variant,
+                reported or "(not printed)",
+                row.status,
+                format_value(row.found_value, reported or "0.000"),
+                format_value(row.difference, reported or "0.000", signed=True),
+                row.expected if isinstance(row.expected, str) else "(no card claim)",
+                "n/a" if agrees is pd.NA or agrees is None else ("yes" if agrees else "no"),
+                row.reason,
+            ]
+        )
+    lines += md_table(header, "lllllrrlll", rows)
     verdicts, agreement = summary_counts(frame)
     lines += [
         "",
@@ -727,11 +326,7 @@ def write_audit(frame: pd.DataFrame, csv_path: str | Path, md_path: str | Path, 
 
     ``spec`` defaults to ``frame.attrs["spec"]`` as set by :func:`audit_table1`.
     """
-    missing = [c for c in OUTPUT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineInputError("audit table", missing[0], "column is missing")
-    write_csv(frame[list(OUTPUT_COLUMNS)], csv_path, index=False, encoding="utf-8")
-    write_text(render_markdown(frame, spec), md_path)
+    write_csv_and_markdown(frame, OUTPUT_COLUMNS, render_markdown(frame, spec), csv_path, md_path, "audit table")
 
 
 # --------------------------------------------------------------------------------------------------
