@@ -46,7 +46,7 @@ def test_paper_config_plans_the_data_chain_of_every_dataset(scratch):
         if rule and wildcards:
             planned.add((rule.group(1), wildcards.group(1)))
     for dataset, entry in config["datasets"].items():
-        for rule in ("split_conditions", "preprocess_dataset", "fit_pca", "test_truth"):
+        for rule in ("split_conditions", "preprocess_dataset", "fit_pca", "extract_test_truth"):
             assert (rule, f"dataset={dataset}") in planned, (rule, dataset)
         if entry["source"].get("url"):
             assert any(r == "download_source" and w.startswith(f"dataset={dataset},") for r, w in planned), dataset
@@ -88,7 +88,7 @@ def test_norman_target_plans_exactly_its_chain(scratch):
     rules = set(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
     assert rules == {
         "download_source", "download_sequences", "split_conditions", "preprocess_dataset", "fit_pca",
-        "test_truth", "embed_genes", "train_model", "sample_model", "score_predictions",
+        "extract_test_truth", "embed_genes", "train_model", "sample_model", "score_celleval",
     }
     assert "norman_demo" not in result.stdout
 

@@ -170,7 +170,7 @@ def runs(slurm_cluster, tmp_path_factory):
                 # the paper-scale memory of these rules does not fit the test node; the demo needs little
                 "--set-resources",
                 "preprocess_dataset:mem_mb=2000",
-                "score_predictions:mem_mb=2000",
+                "score_celleval:mem_mb=2000",
             ],
             cluster_root,
             env,

@@ -29,7 +29,7 @@ PARTS = ("Snakefile", "workflow", "config", "resources", "envs")
 IGNORE = shutil.ignore_patterns("results", ".venv", ".git", ".snakemake", "__pycache__", "*.pyc")
 CONFIG = "config/cluster_smoke.yaml"
 TEST_CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-                      "--set-resources", "preprocess_dataset:mem_mb=2000", "score_predictions:mem_mb=2000"]
+                      "--set-resources", "preprocess_dataset:mem_mb=2000", "score_celleval:mem_mb=2000"]
 
 
 def fresh_copy() -> Path:

@@ -209,7 +209,7 @@ def _run_step(step: str, d: Path, noop: bool, mark) -> None:
             fn = _call_first([("perturb_repro.data.pca", "fit_pca_file"), ("perturb_repro.steps", "pca_step")])
             fn(str(d / "processed.h5ad"), cfg, str(d / "pca.npz"))
         elif step == "test_truth":
-            # what workflow/scripts/test_truth.py calls
+            # what workflow/scripts/extract_test_truth.py calls
             fn = _call_first([("perturb_repro.data.truth", "write_test_truth"), ("perturb_repro.steps", "truth_step")])
             fn(str(d / "processed.h5ad"), str(d / "test_truth.h5ad"))
     elif step == "celleval":

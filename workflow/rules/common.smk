@@ -90,20 +90,52 @@ def raw_path(dataset):
     source = config["datasets"][dataset]["source"]
     if source.get("path"):
         return source["path"]
-    name = Path(source.get("archive_member") or source["url"].rstrip("/").split("/")[-1]).name
+    name = Path(source.get("archive_member") or source["url"]).name  # a URL's last segment
     return f"resources/raw/{dataset}/{name}"
 
 
-def model_resources(model, stage, key, default):
-    """Per-model cluster resources: a stage block (``train``/``autoencoder``/``sample``) over the top-level keys."""
+# What a model job asks for when its entry's `resources` (or that block's stage block) does not say.
+MODEL_RESOURCE_DEFAULTS = {
+    "train": {"gpu": 0, "nodes": 1, "mem_mb": 4000, "runtime": 60, "cpus": 1},
+    "autoencoder": {"gpu": 0, "nodes": 1, "mem_mb": 4000, "runtime": 60, "cpus": 1},
+    "sample": {"gpu": 0, "nodes": 1, "mem_mb": 4000, "runtime": 30, "cpus": 1},
+}
+
+
+def model_resources(model, stage, key):
+    """Per-model cluster resources: a stage block (``train``/``autoencoder``/``sample``) over the top-level keys
+    over the stage's default."""
     block = config["models"][model].get("resources", {})
-    return block.get(stage, {}).get(key, block.get(key, default))
+    return block.get(stage, {}).get(key, block.get(key, MODEL_RESOURCE_DEFAULTS[stage][key]))
+
+
+def stage_resources(stage):
+    """The `resources:` of a one-process model job of ``stage`` (train_model, train_autoencoder, sample_model)."""
+    return {
+        "gpu": lambda w: model_resources(w.model, stage, "gpu"),
+        "mem_mb": lambda w: model_resources(w.model, stage, "mem_mb"),
+        "runtime": lambda w: model_resources(w.model, stage, "runtime"),
+        "cpus_per_task": lambda w: model_resources(w.model, stage, "cpus"),
+    }
+
+
+def data_parallel_resources(stage):
+    """The `resources:` of a data-parallel training job: one SLURM job of N nodes x G tasks. `mpi` makes the SLURM
+    plugin run the job script once in the allocation (not under `srun -n1`); the script then starts one process per
+    GPU with srun (distributed.launch). gpu is the job's total for `sbatch --gpus`."""
+    return {
+        **stage_resources(stage),
+        "gpu": lambda w: world_of(w.model, stage)[0] * world_of(w.model, stage)[1],
+        "nodes": lambda w: world_of(w.model, stage)[0],
+        "tasks_per_node": lambda w: world_of(w.model, stage)[1],
+        "mpi": "srun",
+    }
 
 
 def world_of(model, stage):
     """(nodes, GPU processes per node) of a training stage; (1, 1) for a one-process job."""
-    nodes = int(model_resources(model, stage, "nodes", 1))
-    gpus = int(model_resources(model, stage, "gpu", 0))
+    nodes = int(model_resources(model, stage, "nodes"))
+    gpus = int(model_resources(model, stage, "gpu"))
     return nodes, max(1, gpus)
 
 
@@ -134,7 +166,7 @@ def model_source_files(model):
     """The model's code (its registry module): a change to it retrains the model."""
     kind = config["models"][model]["type"]
     modules = [MODEL_REGISTRY[kind].split(":")[0], *MODEL_EXTRA_SOURCES.get(kind, [])]
-    return [str(SRC.parent / (name.replace(".", "/") + ".py")) for name in modules]
+    return [str(SRC.parent.joinpath(*name.split(".")).with_suffix(".py")) for name in modules]
 
 
 def all_targets():
@@ -145,7 +177,7 @@ def all_targets():
 
 
 # ---- Resources from input size (data/prep rules; issue 15) -------------------------------------------------
-# mem_mb and runtime (minutes) of split_conditions, preprocess_dataset, fit_pca, test_truth and embed_genes grow
+# mem_mb and runtime (minutes) of split_conditions, preprocess_dataset, fit_pca, extract_test_truth and embed_genes grow
 # with the bytes of the job's inputs: fixed + per_gb x input GB, times the attempt number (a retried job asks
 # for more). The factors come from workflow/bench/bench_scale.py (peak RSS and CPU time of each step as a
 # whole process at growing sizes, sparse raw counts; see workflow/bench/README.md), rounded up:
@@ -154,7 +186,7 @@ def all_targets():
 #                                                  memory ~ 3 x the raw CSR, ~10 min per GB on one core
 #   fit_pca     backed, row chunks: G x G float64 twice + one 32 MB chunk + obs
 #                                                  memory ~ 2 GB + 0.1 x file, time one G x G product per chunk
-#   test_truth  backed, dense X written in 16 MB row chunks; obs and sparse layers of kept cells in memory
+#   extract_test_truth  backed, dense X written in 16 MB row chunks; obs and sparse layers of kept cells in memory
 #                                                  memory ~ 1 GB + 0.5 x file
 # When an input does not exist yet (a dry run of config/config.yaml before anything is downloaded) its size is
 # the dataset's estimate below, so `snakemake --profile slurm -n` already asks for a meaningful request.
@@ -181,7 +213,7 @@ DATA_RESOURCE_MODEL = {
     "split_conditions": (1000, 100, 10, 1),
     "preprocess_dataset": (2000, 3000, 15, 10),
     "fit_pca": (2000, 100, 15, 5),
-    "test_truth": (1000, 500, 10, 2),
+    "extract_test_truth": (1000, 500, 10, 2),
     "embed_genes": (4000, 1000, 30, 0),
 }
 DATA_MEM_CAP_MB = 1_000_000
@@ -240,7 +272,7 @@ from os.path import getsize as _shard_getsize, isfile as _shard_isfile
 
 
 def sampling_shards(model):
-    return int(sampling_of(model).get("shards", 1))
+    return int(sampling_of(model)["shards"])
 
 
 def sampler_of(model):
@@ -264,7 +296,7 @@ def merge_mem_mb(wildcards, input, attempt):
     run) 16 GB or the model's sampling memory if that is less."""
     present = [p for p in input.shards if _shard_isfile(p)]
     if not present:
-        return int(min(model_resources(wildcards.model, "sample", "mem_mb", 4000), 16000) * attempt)
+        return int(min(model_resources(wildcards.model, "sample", "mem_mb"), 16000) * attempt)
     mb = sum(_shard_getsize(p) for p in present) / 2**20
     return int(min((3000 + 0.1 * mb) * attempt, 1_000_000))
 
@@ -276,8 +308,12 @@ import yaml
 ESM2_TINY_DIR = "results/esm2/tiny_model"
 
 
+# What embed_genes loads: the offline tiny model's directory, or a hub name / local directory as configured.
+ESM2_MODEL = ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else config["esm2"]["model"]
+
+
 def esm2_model_input(wildcards):
-    return ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else []
+    return ESM2_TINY_DIR if ESM2_MODEL == ESM2_TINY_DIR else []
 
 
 PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
@@ -314,16 +350,13 @@ def scfate_log_files(wildcards):
     return [str(p) for p in log_files(config.get("audit", {}).get("scfate_logs") or None)]
 
 
-def _score_shards():
-    return int(config["scoring"].get("shards", 1))
-
-
-def _score_inputs(w):
+def celleval_inputs(w):
+    """score_celleval's inputs: with scoring.shards > 1 also every shard's and the cross-condition scores."""
     base = {
         "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
         "truth": f"results/{w.dataset}/test_truth.h5ad",
     }
-    n = _score_shards()
+    n = config["scoring"]["shards"]
     if n > 1:
         base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
         base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"

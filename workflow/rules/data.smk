@@ -5,7 +5,7 @@ rule download_source:
     output:
         "resources/raw/{dataset}/{filename}",
     params:
-        source=lambda w: config["datasets"][w.dataset]["source"],
+        source=lookup(dpath="datasets/{dataset}/source", within=config),
     log:
         "logs/download/{dataset}/{filename}.log",
     benchmark:
@@ -79,7 +79,7 @@ rule fit_pca:
         "../scripts/fit_pca.py"
 
 
-rule test_truth:
+rule extract_test_truth:
     input:
         "results/{dataset}/processed.h5ad",
     output:
@@ -89,9 +89,9 @@ rule test_truth:
     benchmark:
         "benchmarks/truth/{dataset}.tsv"
     resources:
-        mem_mb=data_mem_mb("test_truth", "processed"),
-        runtime=data_runtime("test_truth", "processed"),
+        mem_mb=data_mem_mb("extract_test_truth", "processed"),
+        runtime=data_runtime("extract_test_truth", "processed"),
     conda:
         ENV
     script:
-        "../scripts/test_truth.py"
+        "../scripts/extract_test_truth.py"

@@ -5,6 +5,8 @@ rule build_tiny_esm2:
         directory(ESM2_TINY_DIR),
     log:
         "logs/esm2/build_tiny.log",
+    benchmark:
+        "benchmarks/esm2/build_tiny.tsv"
     conda:
         ENV
     script:
@@ -18,6 +20,8 @@ rule download_sequences:
         source=lambda w: {"url": config["esm2"].get("sequence_sources", {}).get(w.name, "")},
     log:
         "logs/download/esm2/{name}.log",
+    benchmark:
+        "benchmarks/download/esm2/{name}.tsv"
     conda:
         ENV
     script:
@@ -27,24 +31,24 @@ rule download_sequences:
 rule embed_genes:
     input:
         split="results/{dataset}/split.csv",
-        sequences=lambda w: config["datasets"][w.dataset]["esm2"]["sequences"],
+        sequences=lookup(dpath="datasets/{dataset}/esm2/sequences", within=config),
         model=esm2_model_input,
-        release_note=lambda w: config["esm2"].get("uniprot_release_note") or [],
+        release_note=lookup(dpath="esm2/uniprot_release_note", within=config, default=[]),
     output:
         "results/{dataset}/esm2.npz",
     params:
-        model=lambda w: ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else config["esm2"]["model"],
-        batch_size=config["esm2"].get("batch_size", 8),
-        control=lambda w: config["datasets"][w.dataset]["control_label"],
-        allow_missing=config["esm2"].get("allow_missing", False),
-        release=config["esm2"].get("uniprot_release"),
-        taxon_id=config["esm2"].get("taxon_id"),
+        model=ESM2_MODEL,
+        batch_size=lookup(dpath="esm2/batch_size", within=config),
+        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        allow_missing=lookup(dpath="esm2/allow_missing", within=config),
+        release=lookup(dpath="esm2/uniprot_release", within=config, default=None),
+        taxon_id=lookup(dpath="esm2/taxon_id", within=config, default=None),
     log:
         "logs/esm2/{dataset}.log",
     benchmark:
         "benchmarks/esm2/{dataset}.tsv"
     resources:
-        gpu=lambda w: 0 if config["esm2"]["model"] == "tiny" else 1,
+        gpu=0 if ESM2_MODEL == ESM2_TINY_DIR else 1,
         mem_mb=data_mem_mb("embed_genes"),
         runtime=data_runtime("embed_genes"),
     conda:

@@ -7,10 +7,12 @@ rule fetch_pretrained:
     wildcard_constraints:
         file="|".join(re.escape(f) for f in PRETRAINED_FILES),
     params:
-        source=lambda w: config.get("pretrained", {}).get(w.checkpoint, {}).get(w.file, {}),
-        hint=lambda w: config.get("pretrained", {}).get(w.checkpoint, {}).get("how_to_get", ""),
+        source=lookup(dpath="pretrained/{checkpoint}/{file}", within=config, default={}),
+        hint=lookup(dpath="pretrained/{checkpoint}/how_to_get", within=config, default=""),
     log:
         "logs/download/pretrained/{checkpoint}/{file}.log",
+    benchmark:
+        "benchmarks/download/pretrained/{checkpoint}/{file}.tsv"
     conda:
         ENV
     script:
@@ -28,7 +30,7 @@ rule train_autoencoder:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
         params_hash=lambda w: params_hash(w.model, w.dataset),
-        seed=lambda w: config["sampling"].get("seed", 0),
+        seed=lookup(dpath="sampling/seed", within=config),
         stage="fit_autoencoder",
     log:
         "logs/train_autoencoder/{dataset}/{model}.log",
@@ -36,10 +38,7 @@ rule train_autoencoder:
         "benchmarks/train_autoencoder/{dataset}/{model}.tsv"
     threads: 1
     resources:
-        gpu=lambda w: model_resources(w.model, "autoencoder", "gpu", 0),
-        mem_mb=lambda w: model_resources(w.model, "autoencoder", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "autoencoder", "runtime", 60),
-        cpus_per_task=lambda w: model_resources(w.model, "autoencoder", "cpus", 1),
+        **stage_resources("autoencoder"),
     conda:
         ENV
     script:
@@ -60,17 +59,14 @@ rule train_model:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
         params_hash=lambda w: params_hash(w.model, w.dataset),
-        seed=lambda w: config["sampling"].get("seed", 0),
+        seed=lookup(dpath="sampling/seed", within=config),
     log:
         "logs/train/{dataset}/{model}.log",
     benchmark:
         "benchmarks/train/{dataset}/{model}.tsv"
     threads: 1
     resources:
-        gpu=lambda w: model_resources(w.model, "train", "gpu", 0),
-        mem_mb=lambda w: model_resources(w.model, "train", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "train", "runtime", 60),
-        cpus_per_task=lambda w: model_resources(w.model, "train", "cpus", 1),
+        **stage_resources("train"),
     conda:
         ENV
     script:
@@ -78,32 +74,19 @@ rule train_model:
 
 
 # Data-parallel training (resources: {train: {gpu: G, nodes: N}}): the same rule as one SLURM job of N nodes x G
-# tasks. `mpi` makes the SLURM plugin run the job script once in the allocation (not under `srun -n1`); the script
-# then starts one process per GPU with srun (distributed.launch). gpu is the job's total for `sbatch --gpus`.
+# tasks (common.smk, data_parallel_resources).
 use rule train_model as train_model_ddp with:
     wildcard_constraints:
         model=model_constraint(data_parallel_models("train")),
     resources:
-        gpu=lambda w: world_of(w.model, "train")[0] * world_of(w.model, "train")[1],
-        nodes=lambda w: world_of(w.model, "train")[0],
-        tasks_per_node=lambda w: world_of(w.model, "train")[1],
-        mpi="srun",
-        mem_mb=lambda w: model_resources(w.model, "train", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "train", "runtime", 60),
-        cpus_per_task=lambda w: model_resources(w.model, "train", "cpus", 1),
+        **data_parallel_resources("train"),
 
 
 use rule train_autoencoder as train_autoencoder_ddp with:
     wildcard_constraints:
         model=model_constraint(data_parallel_models("autoencoder")),
     resources:
-        gpu=lambda w: world_of(w.model, "autoencoder")[0] * world_of(w.model, "autoencoder")[1],
-        nodes=lambda w: world_of(w.model, "autoencoder")[0],
-        tasks_per_node=lambda w: world_of(w.model, "autoencoder")[1],
-        mpi="srun",
-        mem_mb=lambda w: model_resources(w.model, "autoencoder", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "autoencoder", "runtime", 60),
-        cpus_per_task=lambda w: model_resources(w.model, "autoencoder", "cpus", 1),
+        **data_parallel_resources("autoencoder"),
 
 
 ruleorder: train_model_ddp > train_model
@@ -133,10 +116,7 @@ rule sample_model:
         "benchmarks/sample/{dataset}/{model}.tsv"
     threads: 1
     resources:
-        gpu=lambda w: model_resources(w.model, "sample", "gpu", 0),
-        mem_mb=lambda w: model_resources(w.model, "sample", "mem_mb", 4000),
-        runtime=lambda w: model_resources(w.model, "sample", "runtime", 30),
-        cpus_per_task=lambda w: model_resources(w.model, "sample", "cpus", 1),
+        **stage_resources("sample"),
     conda:
         ENV
     script:

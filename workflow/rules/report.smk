@@ -3,7 +3,7 @@
 
 rule paper_table:
     input:
-        spec=lambda w: config["tables"][w.table]["spec"],
+        spec=lookup(dpath="tables/{table}/spec", within=config),
         metrics=lambda w: [f"results/{d}/{m}/metrics.csv" for d, m in table_runs(w.table)[0]],
         perturbench=lambda w: [f"results/{d}/{m}/perturbench.csv" for d, m in table_runs(w.table)[0]],
     output:
@@ -16,10 +16,12 @@ rule paper_table:
         md="results/tables/{table}.md",
     params:
         runs=lambda w: table_runs(w.table)[0],
-        dataset_map=lambda w: config["tables"][w.table]["datasets"],
+        dataset_map=lookup(dpath="tables/{table}/datasets", within=config),
         scale={d: c["scale"] for d, c in config["datasets"].items()},
     log:
         "logs/tables/{table}.log",
+    benchmark:
+        "benchmarks/tables/{table}.tsv"
     conda:
         ENV
     script:
@@ -47,11 +49,13 @@ rule report:
     params:
         pairs=PAIRS,
         tables=TABLES,
-        pca_conditions=config["report"].get("pca_conditions", 3),
+        pca_conditions=lookup(dpath="report/pca_conditions", within=config),
         configfiles=[str(f) for f in workflow.configfiles],
         sources={d: config["datasets"][d]["source"] for d in DATASETS},
     log:
         "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
     conda:
         ENV
     script:
@@ -71,9 +75,11 @@ rule scfate_table1_audit:
         ),
         md="results/tables/scfate_table1.md",
     params:
-        logs_dir=config.get("audit", {}).get("scfate_logs", ""),
+        logs_dir=lookup(dpath="audit/scfate_logs", within=config, default=""),
     log:
         "logs/tables/scfate_table1.log",
+    benchmark:
+        "benchmarks/tables/scfate_table1.tsv"
     conda:
         ENV
     script:

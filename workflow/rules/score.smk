@@ -1,36 +1,37 @@
 # cell-eval scoring of one model's predictions against the real test cells.
 #
-# scoring.shards = 1: one job. > 1: score_shard scores each of N deterministic shards of the test
-# conditions (every shard with all control cells), score_cross computes the cross-condition metrics
+# Rule names: score_<scorer>[_<part>] (score_celleval, score_celleval_shard, score_celleval_cross, score_perturbench).
+# scoring.shards = 1: one job. > 1: score_celleval_shard scores each of N deterministic shards of the test
+# conditions (every shard with all control cells), score_celleval_cross computes the cross-condition metrics
 # (discrimination_score_*, pearson_edistance, clustering_agreement) once over all conditions, and
-# score_predictions merges them into the same metrics.csv / per_condition.csv (aggregates recomputed from
+# score_celleval merges them into the same metrics.csv / per_condition.csv (aggregates recomputed from
 # the merged table as cell-eval computes them). Predictions are always read from predictions.h5ad.
 
 
-rule score_predictions:
+rule score_celleval:
     input:
-        unpack(_score_inputs),
+        unpack(celleval_inputs),
     output:
         metrics="results/{dataset}/{model}/metrics.csv",
         per_condition="results/{dataset}/{model}/per_condition.csv",
     params:
-        profile=config["scoring"]["profile"],
-        control=lambda w: config["datasets"][w.dataset]["control_label"],
-        shards=_score_shards(),
+        profile=lookup(dpath="scoring/profile", within=config),
+        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        shards=lookup(dpath="scoring/shards", within=config),
     log:
-        "logs/score/{dataset}/{model}.log",
+        "logs/score_celleval/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/score/{dataset}/{model}.tsv"
-    threads: config["scoring"].get("threads", 1)
+        "benchmarks/score_celleval/{dataset}/{model}.tsv"
+    threads: lookup(dpath="scoring/threads", within=config)
     resources:
         mem_mb=8000,
     conda:
         ENV
     script:
-        "../scripts/score_predictions.py"
+        "../scripts/score_celleval.py"
 
 
-rule score_shard:
+rule score_celleval_shard:
     input:
         pred="results/{dataset}/{model}/predictions.h5ad",
         truth="results/{dataset}/test_truth.h5ad",
@@ -40,44 +41,44 @@ rule score_shard:
         shard=r"\d+",
         n=r"\d+",
     params:
-        profile=config["scoring"]["profile"],
-        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        profile=lookup(dpath="scoring/profile", within=config),
+        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
         shard=lambda w: int(w.shard),
         shards=lambda w: int(w.n),
     log:
-        "logs/score/{dataset}/{model}.shard{shard}_of_{n}.log",
+        "logs/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.log",
     benchmark:
-        "benchmarks/score/{dataset}/{model}.shard{shard}_of_{n}.tsv"
-    threads: config["scoring"].get("threads", 1)
+        "benchmarks/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.tsv"
+    threads: lookup(dpath="scoring/threads", within=config)
     resources:
         mem_mb=8000,
     conda:
         ENV
     script:
-        "../scripts/score_shard.py"
+        "../scripts/score_celleval_shard.py"
 
 
-rule score_cross:
+rule score_celleval_cross:
     input:
         pred="results/{dataset}/{model}/predictions.h5ad",
         truth="results/{dataset}/test_truth.h5ad",
     output:
         temp("results/{dataset}/{model}/score_shards/cross.csv"),
     params:
-        profile=config["scoring"]["profile"],
-        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        profile=lookup(dpath="scoring/profile", within=config),
+        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
         shard="cross",
     log:
-        "logs/score/{dataset}/{model}.cross.log",
+        "logs/score_celleval/{dataset}/{model}.cross.log",
     benchmark:
-        "benchmarks/score/{dataset}/{model}.cross.tsv"
-    threads: config["scoring"].get("threads", 1)
+        "benchmarks/score_celleval/{dataset}/{model}.cross.tsv"
+    threads: lookup(dpath="scoring/threads", within=config)
     resources:
         mem_mb=8000,
     conda:
         ENV
     script:
-        "../scripts/score_shard.py"
+        "../scripts/score_celleval_shard.py"
 
 
 rule provenance:
@@ -99,12 +100,14 @@ rule provenance:
             "scoring": config["scoring"],
             "esm2": config["esm2"],
         },
-        seed=config["sampling"].get("seed", 0),
+        seed=lookup(dpath="sampling/seed", within=config),
         benchmarks=lambda w: [
-            f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv" for stage in ("train", "sample", "score")
+            f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv" for stage in ("train", "sample", "score_celleval", "score_perturbench")
         ],
     log:
         "logs/provenance/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/provenance/{dataset}/{model}.tsv"
     conda:
         ENV
     script:
@@ -119,8 +122,8 @@ rule score_perturbench:
         summary="results/{dataset}/{model}/perturbench.csv",
         per_condition="results/{dataset}/{model}/perturbench_per_condition.csv",
     params:
-        control=lambda w: config["datasets"][w.dataset]["control_label"],
-        options=config["scoring"].get("perturbench", {}),
+        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        options=lookup(dpath="scoring/perturbench", within=config, default={}),
     log:
         "logs/score_perturbench/{dataset}/{model}.log",
     benchmark:

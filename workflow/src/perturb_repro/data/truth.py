@@ -1,7 +1,7 @@
 """The scoring truth: real test cells plus the real control cells, dense, in processed gene order.
 
 :func:`build_test_truth` returns it in memory (tests, small data). :func:`write_test_truth` (the
-``test_truth`` rule) writes the same file without holding it whole: ``processed.h5ad`` is opened
+``extract_test_truth`` rule) writes the same file without holding it whole: ``processed.h5ad`` is opened
 ``backed="r"``, everything but X is written first, then the dense float32 X is filled in row chunks
 (``CHUNK_BYTES``, 16 MB of float32, per chunk) read from the backed matrix. Peak memory: obs/var/layers of the kept
 cells (sparse stays sparse) plus one chunk. ``tests/test_truth.py`` checks both files are equal.
@@ -104,7 +104,7 @@ def write_truth_file(processed: ad.AnnData, out_h5ad: str | Path, chunk_bytes: i
 
 
 def write_test_truth(processed_h5ad: str | Path, out_h5ad: str | Path, chunk_bytes: int | None = None) -> None:
-    """The ``test_truth`` rule: ``processed.h5ad`` opened backed, truth written in row chunks."""
+    """The ``extract_test_truth`` rule: ``processed.h5ad`` opened backed, truth written in row chunks."""
     processed = ad.read_h5ad(processed_h5ad, backed="r")
     try:
         write_truth_file(processed, out_h5ad, chunk_bytes)
