@@ -90,3 +90,87 @@ def test_merged_shards_equal_one_run(scored, demo_files):
     m_merged = pd.read_csv(d / "merged" / "metrics.csv").set_index("metric")
     assert list(m_merged.index) == list(m_one.index) and list(m_merged.columns) == list(m_one.columns)
     pd.testing.assert_frame_equal(m_merged, m_one, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- PerturBench shards (covariate groups)
+
+GROUPS = ("lineA", "lineB", "lineC")
+
+
+@pytest.fixture(scope="module")
+def grouped_files(demo_processed, tmp_path_factory):
+    """3 covariate groups of demo cells (4 conditions <= 25 cells + 30 controls each); prediction = noisy truth with
+    two conditions swapped in one group. Both files record ``uns['group_by']``, as the pipeline's do."""
+    x = demo_processed.X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+    labels = demo_processed.obs["condition"].astype(str).to_numpy()
+    control = str(demo_processed.uns["control_label"])
+    conds = sorted(set(labels) - {control})
+    ctrl_all = np.flatnonzero(labels == control)
+    rows, groups = [], []
+    for g, name in enumerate(GROUPS):
+        for c in conds[4 * g : 4 * g + 4]:
+            picked = np.flatnonzero(labels == c)[:25]
+            rows.append(picked)
+            groups += [name] * len(picked)
+        rows.append(ctrl_all[30 * g : 30 * g + 30])
+        groups += [name] * 30
+    rows = np.concatenate(rows)
+    rng = np.random.default_rng(9)
+    var = pd.DataFrame(index=demo_processed.var_names)
+    obs = pd.DataFrame({PERT_COL: labels[rows], "cell_line": groups}, index=[f"t{i}" for i in range(len(rows))])
+    truth = ad.AnnData(X=x[rows], obs=obs, var=var, uns={"group_by": ["cell_line"], "control_label": control})
+    pred_x = np.maximum(x[rows] + rng.normal(0, 0.2, size=(len(rows), x.shape[1])).astype(np.float32), 0).astype(np.float32)
+    is_ctrl = labels[rows] == control
+    pred_x[is_ctrl] = x[rows][is_ctrl]
+    swap = {conds[0]: conds[1], conds[1]: conds[0]}
+    pred_obs = obs.copy()
+    pred_obs.index = [f"p{i}" for i in range(len(rows))]
+    pred_obs[PERT_COL] = [swap.get(v, v) for v in labels[rows]]
+    pred = ad.AnnData(X=pred_x, obs=pred_obs, var=var.copy(), uns={"group_by": ["cell_line"]})
+    d = tmp_path_factory.mktemp("pb_sharded")
+    truth.write_h5ad(d / "test_truth.h5ad")
+    pred.write_h5ad(d / "predictions.h5ad")
+    return d, control
+
+
+PB_ARGS = {"seed": 3, "n_deg": 20, "pca_components": 6}
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])  # 4 shards of 3 groups: one shard is empty
+def test_perturbench_shards_merged_equal_one_run(grouped_files, n_shards):
+    from perturb_repro.scoring.pb_shards import merge_perturbench, score_perturbench_shard
+    from perturb_repro.scoring.perturbench import score_perturbench
+
+    d, control = grouped_files
+    pred, truth = d / "predictions.h5ad", d / "test_truth.h5ad"
+    one = d / f"one{n_shards}"
+    score_perturbench(pred, truth, control, one / "pc.csv", one / "summary.csv", **PB_ARGS)
+    parts = [d / f"s{n_shards}" / f"shard{i}.csv" for i in range(n_shards)]
+    for i, part in enumerate(parts):
+        score_perturbench_shard(pred, truth, control, i, n_shards, part, **PB_ARGS)
+    sizes = [len(pd.read_csv(p)) for p in parts]
+    assert sum(sizes) == len(pd.read_csv(one / "pc.csv")) and sizes[0] > 0
+    assert (0 in sizes) == (n_shards > len(GROUPS))
+    merged = d / f"m{n_shards}"
+    merge_perturbench(list(reversed(parts)), truth, control, merged / "pc.csv", merged / "summary.csv", **PB_ARGS)
+    frame = pd.read_csv(one / "pc.csv")
+    assert set(frame["cell_line"]) == set(GROUPS) and frame["cosine_logfc_rank"].max() > 0  # ranks not all zero
+    for name in ("pc.csv", "summary.csv"):  # the same bytes: same rows, order, values and settings
+        assert (merged / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_perturbench_merge_names_a_missing_condition(grouped_files, tmp_path):
+    from perturb_repro.errors import PipelineInputError
+    from perturb_repro.scoring.pb_shards import merge_perturbench, score_perturbench_shard
+
+    d, control = grouped_files
+    pred, truth = d / "predictions.h5ad", d / "test_truth.h5ad"
+    parts = [tmp_path / f"shard{i}.csv" for i in range(2)]
+    for i, part in enumerate(parts):
+        score_perturbench_shard(pred, truth, control, i, 2, part, **PB_ARGS)
+    frame = pd.read_csv(parts[1], dtype=str, keep_default_na=False)
+    frame.iloc[1:].to_csv(parts[1], index=False)
+    with pytest.raises(PipelineInputError, match="missing"):
+        merge_perturbench(parts, truth, control, tmp_path / "pc.csv", tmp_path / "summary.csv", **PB_ARGS)
+    assert not (tmp_path / "pc.csv").exists() and not (tmp_path / "summary.csv").exists()

@@ -484,7 +484,7 @@ def _check_args(n_deg, pca_components) -> None:
         )
 
 
-def _hvg_mask(truth: ad.AnnData, truth_source: str) -> np.ndarray | None:
+def hvg_mask(truth: ad.AnnData, truth_source: str) -> np.ndarray | None:
     if "highly_variable" not in truth.var.columns:
         return None
     mask = truth.var["highly_variable"].to_numpy(dtype=bool)
@@ -549,6 +549,8 @@ def perturbench_metrics_by_group(
     pred_source: str = "prediction",
     truth_source: str = "truth",
     options: Options | dict | None = None,
+    groups: set[str] | None = None,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """:func:`perturbench_metrics` per group (PerturBench evaluates each covariate separately).
 
@@ -558,23 +560,24 @@ def perturbench_metrics_by_group(
     Rows are (condition, group) pairs with the group columns after ``condition``. Without
     ``group_by`` there is one group (all cells). No per-group copy of either matrix is made: groups
     and conditions are index arrays into the two matrices.
+
+    ``groups`` (keys of :func:`group_keys`) scores only those groups (a scoring shard; groups are independent);
+    ``pca`` = (mean, loadings) of :func:`fit_pca` on the *whole* truth, for a shard that holds part of it.
     """
     _check_args(n_deg, pca_components)
     opts = options if isinstance(options, Options) else Options.from_config(options)
     pred_labels, truth_labels, _ = _validate(pred, truth, control_label, pert_col, pred_source, truth_source, opts.block_size)
     genes = truth.var_names
     pred_x, truth_x = pred.X, truth.X
-    pca = fit_pca(truth_x, np.arange(truth.n_obs), int(pca_components), _hvg_mask(truth, truth_source), int(opts.block_size))
+    if pca is None:
+        pca = fit_pca(truth_x, np.arange(truth.n_obs), int(pca_components), hvg_mask(truth, truth_source), int(opts.block_size))
 
-    if group_by:
-        t_keys = truth.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
-        p_keys = pred.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
-    else:
-        t_keys = np.zeros(truth.n_obs, dtype=object)
-        p_keys = np.zeros(pred.n_obs, dtype=object)
+    t_keys, p_keys = group_keys(truth.obs, group_by), group_keys(pred.obs, group_by)
     is_test = truth_labels != control_label
     frames = []
     for key in sorted(set(t_keys[is_test])):
+        if groups is not None and key not in groups:
+            continue
         t_rows = np.flatnonzero(t_keys == key)
         p_rows = np.flatnonzero((p_keys == key) & (pred_labels != control_label))
         conditions = sorted(set(truth_labels[t_rows]) - {control_label})
@@ -587,7 +590,16 @@ def perturbench_metrics_by_group(
         for j, (column, value) in enumerate(zip(group_by, str(key).split("\t"))):
             frame.insert(1 + j, column, value)
         frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[CONDITION_COLUMN, *group_by, *metric_columns()])
     return pd.concat(frames, ignore_index=True)
+
+
+def group_keys(obs: pd.DataFrame, group_by: list[str]) -> np.ndarray:
+    """One key per cell: its group_by values joined by a tab ("" for every cell without group_by)."""
+    if not group_by:
+        return np.full(len(obs), "", dtype=object)
+    return obs[list(group_by)].astype(str).agg("\t".join, axis=1).to_numpy()
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -660,6 +672,15 @@ def score_perturbench(
         pred, truth, control_label, group_by, pert_col=pert_col, seed=seed, n_deg=n_deg,
         pca_components=pca_components, pred_source=str(pred_path), truth_source=str(truth_path), options=opts,
     )
+    return write_outputs(per_condition, out_per_condition, out_summary, opts, seed, n_deg, pca_components)
+
+
+def write_outputs(
+    per_condition: pd.DataFrame, out_per_condition: Path, out_summary: Path, opts: Options, seed: int, n_deg: int,
+    pca_components: int,
+) -> pd.DataFrame:
+    """Summarise ``per_condition`` and write both CSVs (the summary's ``settings`` column: options + seed, k, PCs)."""
+    out_per_condition, out_summary = Path(out_per_condition), Path(out_summary)
     summary = summarise(per_condition)
     summary[SETTINGS_COLUMN] = json.dumps({**opts.record(), "seed": int(seed), "n_deg": int(n_deg),
                                            "pca_components": int(pca_components)}, sort_keys=True)
