@@ -1,4 +1,6 @@
-# ESM2 embeddings of every perturbed gene (zero vector for the control), from the configured ESM2.
+# Gene embeddings of the perturbed genes (zero vector for the control), one file per configured embedding
+# (esm2.embeddings: which ESM2 model, pooling, genes; or one-hot identity): results/{dataset}/embeddings/{embedding}.npz
+
 
 rule build_tiny_esm2:
     output:
@@ -24,29 +26,43 @@ rule download_sequences:
         "../scripts/download_source.py"
 
 
-rule embed_genes:
+rule fetch_ensembl_canonical:
     input:
         split="results/{dataset}/split.csv",
-        sequences=lambda w: config["datasets"][w.dataset]["esm2"]["sequences"],
-        model=esm2_model_input,
-        release_note=lambda w: config["esm2"].get("uniprot_release_note") or [],
+        processed="results/{dataset}/processed.h5ad",
     output:
-        "results/{dataset}/esm2.npz",
+        ENSEMBL_CANONICAL_FASTA,
     params:
-        model=lambda w: ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else config["esm2"]["model"],
-        batch_size=config["esm2"].get("batch_size", 8),
         control=lambda w: config["datasets"][w.dataset]["control_label"],
-        allow_missing=config["esm2"].get("allow_missing", False),
-        release=config["esm2"].get("uniprot_release"),
-        taxon_id=config["esm2"].get("taxon_id"),
+        symbol_column=lambda w: config["datasets"][w.dataset]["esm2"].get("symbol_column", "gene_name"),
     log:
-        "logs/esm2/{dataset}.log",
+        "logs/esm2/{dataset}/ensembl_canonical.log",
     benchmark:
-        "benchmarks/esm2/{dataset}.tsv"
+        "benchmarks/esm2/{dataset}/ensembl_canonical.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_ensembl_canonical.py"
+
+
+rule embed_genes:
+    input:
+        unpack(embedding_inputs),
+    output:
+        "results/{dataset}/embeddings/{embedding}.npz",
+    params:
+        spec=lambda w: embedding_spec(w.embedding),
+        model=embedding_model_path,
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        shared=lambda w: {k: v for k, v in config["esm2"].items() if k in ESM2_SHARED_KEYS},
+    log:
+        "logs/esm2/{dataset}/{embedding}.log",
+    benchmark:
+        "benchmarks/esm2/{dataset}/{embedding}.tsv"
     resources:
-        gpu=lambda w: 0 if config["esm2"]["model"] == "tiny" else 1,
-        mem_mb=data_mem_mb("embed_genes"),
-        runtime=data_runtime("embed_genes"),
+        gpu=lambda w: 0 if embedding_on_cpu(w.embedding) else 1,
+        mem_mb=embedding_resource("mem_mb"),
+        runtime=embedding_resource("runtime"),
     conda:
         ENV
     script:
