@@ -51,7 +51,8 @@ def test_paper_config_plans_the_data_chain_of_every_dataset(scratch):
         if entry["source"].get("url"):
             assert any(r == "download_source" and w.startswith(f"dataset={dataset},") for r, w in planned), dataset
         wants_esm2 = dataset not in ("srivatsan20", "cd4")
-        assert (("embed_genes", f"dataset={dataset}") in planned) == wants_esm2, dataset
+        embeds = any(r == "embed_genes" and w.startswith(f"dataset={dataset}, embedding=") for r, w in planned)
+        assert embeds == wants_esm2, dataset
         for model in entry["models"]:
             owner = config["models"][model].get("shares_checkpoint_with", model)
             assert any(r in ("train_model", "train_model_ddp") and w == f"dataset={dataset}, model={owner}"
@@ -132,7 +133,9 @@ def test_paper_preset_is_the_card_verbatim():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert config["datasets"]["norman"]["pca"]["n_components"] == int(re.search(r"(\d+)-dim PCA", text)[1])
     assert config["datasets"]["norman"]["split"]["seed"] == int(re.search(r"simulation split with seed (\d+)", text)[1])
-    assert config["esm2"]["model"].endswith(re.search(r"\((facebook/esm2_\w+)\)", text)[1].split("/")[1])
+    card_esm2 = re.search(r"\((facebook/esm2_\w+)\)", text)[1]
+    for entry in ("cellflow", "cellflow_fixed_esm2"):  # the card's embedding and the correct one: the card's ESM2 both
+        assert config["esm2"]["embeddings"][config["models"][entry]["gene_embedding"]]["model"] == card_esm2
 
 
 def test_variant_samples_from_the_owner_checkpoint(scratch):

@@ -14,6 +14,7 @@ from perturb_repro.embed.esm2 import (
     genes_of_conditions,
     load_embeddings,
     read_fasta,
+    read_metadata,
     run_esm2,
     write_embeddings,
 )
@@ -244,3 +245,114 @@ def test_run_esm2_end_to_end_on_demo(tmp_path: Path, tiny_model: Path) -> None:
     assert list(emb) == ["control", "BPGM", "CBL", "CEBPE", "TBX3"]
     assert np.all(emb["control"] == 0) and not np.allclose(emb["BPGM"], emb["CBL"])
     assert np.load(out)["missing"].tolist() == ["NOTINFASTA"]
+
+
+# ---------------------------------------------------------------- the CellFlow card's embedding (issue 16.5)
+
+
+def _cellflow_tools_embeddings(monkeypatch, model_dir: Path, sequences: dict[str, str]) -> dict[str, np.ndarray]:
+    """cellflow-tools' own protein_features_from_genes (its batching and loop), with the Ensembl lookup and the
+    hub download replaced by the given sequences and the local tiny model."""
+    import pandas as pd
+    from cellflow.preprocessing import _gene_emb
+
+    table = pd.DataFrame({"gene_id": list(sequences), "transcript_id": "T", "display_name": "", "is_protein_coding": True,
+                          "seq_len": [len(s) for s in sequences.values()], "protein_sequence": list(sequences.values())})
+    monkeypatch.setattr(_gene_emb, "prot_sequence_from_ensembl", lambda ids: table[table.gene_id.isin(ids)])
+
+    def local(model_name, use_cuda, cache_dir):
+        model = EsmModel.from_pretrained(model_dir, add_pooling_layer=False).eval().requires_grad_(False)
+        return model, AutoTokenizer.from_pretrained(model_dir)
+
+    monkeypatch.setattr(_gene_emb, "get_model_and_tokenizer", local)
+    monkeypatch.setenv("HF_HOME", str(model_dir))
+    results, _ = _gene_emb.protein_features_from_genes(list(sequences), use_cuda=False, toks_per_batch=256)
+    return {g: v.numpy() for g, v in results.items()}
+
+
+def test_cellflow_card_pooling_equals_cellflow_tools_own_embedding(monkeypatch, tiny_model: Path) -> None:
+    sequences = {"A": LONG, "B": SHORT + "GGHHWW", "C": SHORT, "D": LONG[:45]}
+    theirs = _cellflow_tools_embeddings(monkeypatch, tiny_model, sequences)
+    ours, _ = embed_genes(sequences, sequences, tiny_model, batch_size=2, pooling="cellflow_card")
+    for gene in sequences:
+        np.testing.assert_allclose(ours[gene], theirs[gene], rtol=1e-5, atol=1e-6, err_msg=gene)
+    # the bug: every gene but the shortest is averaged over its first len(SHORT) residues only, so the card's
+    # vectors differ from the correct mean (which is ours by default) for every longer protein
+    correct, _ = embed_genes(sequences, sequences, tiny_model)
+    np.testing.assert_allclose(correct["C"], theirs["C"], rtol=1e-5, atol=1e-6)
+    for gene in ("A", "B", "D"):
+        assert not np.allclose(correct[gene], theirs[gene], atol=1e-4), gene
+        np.testing.assert_allclose(correct[gene], _reference_embedding(tiny_model, sequences[gene]), rtol=1e-4, atol=1e-5)
+
+
+def test_run_esm2_records_the_pooling_and_rejects_unknown_modes(tmp_path: Path, tiny_model: Path) -> None:
+    out = run_esm2(["control", "BPGM", "CBL"], "control", DEMO_FASTA, tiny_model, tmp_path / "c.npz", pooling="cellflow_card")
+    assert read_metadata(out)["pooling"] == "cellflow_card"
+    with pytest.raises(ValueError, match="pooling"):
+        embed_genes(["BPGM"], {"BPGM": SHORT}, tiny_model, pooling="first_residue")
+
+
+def test_ensembl_canonical_fasta_from_cellflow_tools_lookup(monkeypatch, tmp_path: Path) -> None:
+    import anndata as ad
+    import pandas as pd
+    from cellflow import preprocessing as cfpp
+    from perturb_repro.embed.ensembl import fetch_canonical_fasta
+
+    var = pd.DataFrame({"gene_name": ["BPGM", "CBL", "LINC1"]}, index=["ENSG01", "ENSG02", "ENSG03"])
+    processed = tmp_path / "processed.h5ad"
+    ad.AnnData(np.zeros((2, 3), dtype=np.float32), var=var).write_h5ad(processed)
+    asked = []
+
+    def lookup(ids):  # cellflow's table: a non-coding canonical transcript has no protein sequence
+        asked.extend(ids)
+        return pd.DataFrame({"gene_id": ids, "transcript_id": ["ENST1", "ENST2", "ENST3"],
+                             "protein_sequence": [SHORT, LONG, None]})
+
+    monkeypatch.setattr(cfpp, "prot_sequence_from_ensembl", lookup)
+    out = fetch_canonical_fasta(["ctrl", "BPGM+CBL", "LINC1+ctrl"], "ctrl", processed, tmp_path / "e.fasta")
+    assert asked == ["ENSG01", "ENSG02", "ENSG03"]  # Ensembl ids, as the card's runner passed them
+    assert read_fasta(out) == {"BPGM": SHORT, "CBL": LONG}
+    with pytest.raises(PipelineInputError, match="NOPE"):
+        fetch_canonical_fasta(["NOPE"], "ctrl", processed, tmp_path / "f.fasta")
+
+
+# ---------------------------------------------------------------- whole-vocabulary prior (issue 16.3)
+
+
+def test_all_genes_scope_embeds_every_fasta_gene_but_requires_only_the_perturbed(tmp_path: Path, tiny_model: Path) -> None:
+    fasta = tmp_path / "s.fasta"
+    fasta.write_text(f">BPGM\n{SHORT}\n>CBL\n{LONG}\n>PANEL1\n{LONG[:30]}\n>PANEL2\n{LONG[5:50]}\n")
+    out = run_esm2(["control", "BPGM+CBL"], "control", fasta, tiny_model, tmp_path / "all.npz", genes="all")
+    emb = load_embeddings(out)
+    assert sorted(emb) == ["BPGM", "CBL", "PANEL1", "PANEL2", "control"]
+    np.testing.assert_allclose(emb["PANEL1"], _reference_embedding(tiny_model, LONG[:30]), rtol=1e-4, atol=1e-5)
+    assert read_metadata(out)["gene_scope"] == "all"
+    assert sorted(load_embeddings(run_esm2(["control", "BPGM+CBL"], "control", fasta, tiny_model, tmp_path / "p.npz"))) == [
+        "BPGM", "CBL", "control"]
+    with pytest.raises(PipelineInputError, match="NOTINFASTA"):
+        run_esm2(["control", "NOTINFASTA"], "control", fasta, tiny_model, tmp_path / "x.npz", genes="all")
+
+
+# ---------------------------------------------------------------- demo representation (issue 17.4)
+
+
+def test_demo_models_condition_on_gene_identity_that_tells_genes_apart(tmp_path: Path, tiny_model: Path) -> None:
+    import yaml
+    from perturb_repro.embed.embedding import run_embedding
+    from perturb_repro.embed.identity import mean_pairwise_cosine
+
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    spec = demo["esm2"]["embeddings"][demo["esm2"]["embedding"]]
+    assert all("gene_embedding" not in demo["models"][m] for m in ("cellflow", "primeflow_cfg1"))  # the default
+    conditions = ["control"] + DEMO_GENES
+    emb = load_embeddings(run_embedding(spec, conditions, "control", tmp_path / "demo.npz"))
+    vectors = np.stack([emb[g] for g in DEMO_GENES]).astype(np.float64)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    assert np.abs(cos[~np.eye(len(DEMO_GENES), dtype=bool)]).max() < 1e-12 and np.all(emb["control"] == 0)
+    assert read_metadata(tmp_path / "demo.npz")["model_name"] != "tiny"  # not presented as ESM2
+    # what it replaces: the tiny random ESM2 over the placeholder sequences barely separates the genes
+    tiny = load_embeddings(run_esm2(conditions, "control", DEMO_FASTA, tiny_model, tmp_path / "tiny.npz"))
+    mean_cos, max_cos = mean_pairwise_cosine(tiny, "control")
+    assert mean_cos > 0.5 and max_cos > 0.9
+    assert mean_pairwise_cosine(emb, "control") == (0.0, 0.0)

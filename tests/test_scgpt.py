@@ -5,6 +5,7 @@ validation curve."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
 import perturb_repro.trainer as trainer_mod
 from fakes import SignalAfter
+from seeds import needs_seeds, seed_path
 
 LAYOUT = Path(__file__).parent / "data" / "scgpt_whole_human_layout.json"
 torch.set_num_threads(1)
@@ -467,3 +469,49 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, monkeypatch,
     for key in ("epochs_trained", "best_epoch", "steps", "cells_seen", "stop_reason", "global_batch"):
         assert sa[key] == sb[key], key
     assert sb["best_val_pearson_delta"] == pytest.approx(sa["best_val_pearson_delta"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the Replogle card's budget (issue 16.8)
+# --------------------------------------------------------------------------------------------
+
+
+@needs_seeds
+def test_paper_replogle_presets_see_the_cards_training_cells():
+    """5,400,630 cells seen over 30 epochs (card 'Budget and stopping'), whatever the size of our training pool
+    (362,327 three-line cells): the epoch is 180,021 pairs, the last short batch of 117 kept."""
+    card = seed_path("scgpt_replogle_card.txt").read_text()
+    seen = int(re.search(r"Training cells seen ([\d,]+)", card)[1].replace(",", ""))
+    epochs = int(re.search(r"Epochs trained (\d+)", card)[1])
+    batch = int(re.search(r"Train batch size (\d+)", card)[1])
+    for preset in ("paper_replogle", "paper_replogle_esm2"):
+        training = model_params({"type": "scgpt", "preset": preset})["training"]
+        assert int(training["max_epochs"]) == epochs and int(training["batch_size"]) == batch
+        shape = {"cells_per_epoch": training["cells_per_epoch"], "drop_last": training["drop_last"]}
+        per_epoch = [sg.epoch_batches(362_327, batch, 0, e, **shape) for e in range(epochs)]
+        assert sum(len(b) for bs in per_epoch for b in bs) == seen, preset
+        assert {len(bs) for bs in per_epoch} == {-(-seen // epochs // batch)}  # 938 updates per epoch
+        assert all(len(np.unique(np.concatenate(bs))) == seen // epochs for bs in per_epoch)  # no pair twice an epoch
+    # Norman keeps GEARS' loader: one pass over every pair, the short batch dropped
+    norman = model_params({"type": "scgpt", "preset": "paper_norman"})["training"]
+    batches = sg.epoch_batches(1000, 64, 0, 0, cells_per_epoch=norman["cells_per_epoch"], drop_last=norman["drop_last"])
+    assert [len(b) for b in batches] == [64] * 15
+
+
+def test_epoch_budget_larger_than_the_pool_and_the_data_parallel_short_batch():
+    batches = sg.epoch_batches(10, 4, 0, 0, cells_per_epoch=25, drop_last=False)
+    assert [len(b) for b in batches] == [4] * 6 + [1]
+    rows = np.concatenate(batches)
+    assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:20]) == list(range(10))  # whole shuffles first
+    # two processes: the short batch is cut to an even number of rows (each process takes half)
+    assert [len(b) for b in sg.epoch_batches(11, 4, 0, 0, drop_last=False, multiple_of=2)] == [4, 4, 2]
+    # the default is unchanged: the same shuffle as before the budget keys existed, short batch dropped
+    assert [len(b) for b in sg.epoch_batches(11, 4, 0, 0)] == [4, 4]
+
+
+def test_fit_counts_the_configured_cells_per_epoch(tmp_path, small, context):
+    train, val = small
+    params = _params(max_epochs=2, batch_size=16, cells_per_epoch=40, drop_last=False)
+    sg.ScGPTModel().fit(train, val, context, params, tmp_path)
+    stats = json.loads((tmp_path / sg.STATS_FILE).read_text())
+    assert stats["cells_seen"] == 2 * 40 and stats["steps_per_epoch"] == 3 and stats["steps"] == 6

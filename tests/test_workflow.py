@@ -58,7 +58,7 @@ def _metric(root, model, metric):
 @pytest.mark.slow
 def test_every_demo_output_exists(demo_run):
     results = demo_run / "results"
-    for name in ("split.csv", "processed.h5ad", "pca.npz", "esm2.npz", "test_truth.h5ad", "summary.json"):
+    for name in ("split.csv", "processed.h5ad", "pca.npz", "embeddings/one_hot.npz", "test_truth.h5ad", "summary.json"):
         assert (results / "norman_demo" / name).stat().st_size > 0
     for dataset, models in (("norman_demo", MODELS), ("mcfaline_demo", COVARIATE_MODELS)):
         for model in models:

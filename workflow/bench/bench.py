@@ -5,7 +5,7 @@ Run from the repository root with the project's venv:
 
     .venv/bin/python workflow/bench/bench.py [--skip-dag] [--out results/bench/bench.json]
 
-Needs results/norman_demo/{processed.h5ad,pca.npz,esm2.npz,test_truth.h5ad} (see README.md beside this
+Needs results/norman_demo/{processed.h5ad,pca.npz,embeddings/one_hot.npz,test_truth.h5ad} (see README.md beside this
 file). Thread settings are left as they are: JAX/XLA uses every visible core unless XLA_FLAGS says
 otherwise, so record the machine (the JSON does) when comparing numbers.
 """
@@ -97,18 +97,18 @@ def load_inputs():
     from perturb_repro.models.base import ModelContext
 
     results = ROOT / "results" / DATASET
-    needed = [results / f for f in ("processed.h5ad", "pca.npz", "esm2.npz", "test_truth.h5ad")]
+    needed = [results / f for f in ("processed.h5ad", "pca.npz", "embeddings/one_hot.npz", "test_truth.h5ad")]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise SystemExit(
-            f"missing {missing}; run: .venv/bin/snakemake -c2 results/{DATASET}/esm2.npz "
+            f"missing {missing}; run: .venv/bin/snakemake -c2 results/{DATASET}/embeddings/one_hot.npz "
             f"results/{DATASET}/test_truth.h5ad results/{DATASET}/pca.npz --configfile config/demo.yaml"
         )
     adata = ad.read_h5ad(results / "processed.h5ad")
     train = adata[adata.obs[SPLIT] == "train"].copy()
     truth = ad.read_h5ad(results / "test_truth.h5ad")
     context = ModelContext(DATASET, adata.uns["control_label"], PCABasis.load(results / "pca.npz"),
-                           load_embeddings(results / "esm2.npz"), 0)
+                           load_embeddings(results / "embeddings" / "one_hot.npz"), 0)
     return train, truth, context
 
 

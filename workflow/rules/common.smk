@@ -31,7 +31,11 @@ def _check_names():
         if model not in config["models"]:
             raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
         model_params(config["models"][model], dataset=dataset)  # a missing preset fails now, naming its file
-        if config["models"][model]["type"] in ESM2_MODELS and "esm2" not in config["datasets"][dataset]:
+        embedding = embedding_of(model)
+        if embedding not in gene_embeddings():
+            raise ValueError(f"config: models.{model}.gene_embedding '{embedding}' is not a key of esm2.embeddings")
+        if (needs_esm2(model, dataset) and embedding_spec(embedding)["kind"] == "esm2"
+                and "esm2" not in config["datasets"][dataset]):
             raise ValueError(f"config: datasets.{dataset}.esm2 is missing, but model '{model}' needs ESM2 gene embeddings")
         owner = config["models"][model].get("shares_checkpoint_with")
         if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
@@ -46,11 +50,75 @@ def _check_names():
                 raise ValueError(f"config: tables.{name}.datasets.{paper_ds} names unknown dataset '{run_ds}'")
 
 
-_check_names()
+# ---- Gene embeddings (esm2.embeddings; issue 16.3/16.5, 17.4) --------------------------------------------
+# A model entry names its embedding (`gene_embedding`, default `esm2.embedding`); each embedding is one file per
+# dataset, results/{dataset}/embeddings/{embedding}.npz, so CellFlow's t6_8M and scGPT+ESM's 15B live side by side.
+ESM2_SHARED_KEYS = ("batch_size", "allow_missing", "uniprot_release", "taxon_id")
+ENSEMBL_CANONICAL_FASTA = "results/{dataset}/embeddings/ensembl_canonical_proteins.fasta"  # built from the data (its var ids)
+EMBEDDING_DEFAULTS = {"kind": "esm2", "model": None, "pooling": "mean", "genes": "perturbed", "dtype": None,
+                      "sequences": None, "resources": {}}
+
+
+def gene_embeddings():
+    """Name -> embedding entry; a config without `esm2.embeddings` has one, `esm2`, from `esm2.model`."""
+    esm2 = config.get("esm2", {})
+    return esm2.get("embeddings") or {"esm2": {"model": esm2.get("model", "tiny")}}
+
+
+def embedding_spec(name):
+    return {**EMBEDDING_DEFAULTS, **gene_embeddings()[name]}
+
+
+def embedding_of(model):
+    return config["models"][model].get("gene_embedding") or config["esm2"].get("embedding") or next(iter(gene_embeddings()))
+
+
+def embedding_on_cpu(name):
+    spec = embedding_spec(name)
+    return spec["kind"] == "one_hot" or spec["model"] == "tiny"
+
+
+def embedding_sequences(dataset, name):
+    """The FASTA an ESM2 embedding reads: its own `sequences` (a path, or `ensembl_canonical` for the CellFlow
+    card's Ensembl lookup), else the dataset's `esm2.sequences`."""
+    chosen = embedding_spec(name)["sequences"]
+    if chosen == "ensembl_canonical":
+        return ENSEMBL_CANONICAL_FASTA.format(dataset=dataset)
+    return chosen or config["datasets"][dataset]["esm2"]["sequences"]
+
+
+def embedding_inputs(wildcards):
+    inputs = {"split": f"results/{wildcards.dataset}/split.csv"}
+    spec = embedding_spec(wildcards.embedding)
+    if spec["kind"] == "esm2":
+        inputs["sequences"] = embedding_sequences(wildcards.dataset, wildcards.embedding)
+        if spec["model"] == "tiny":
+            inputs["model"] = ESM2_TINY_DIR
+        note = config["esm2"].get("uniprot_release_note")
+        if note and spec["sequences"] != "ensembl_canonical":
+            inputs["release_note"] = note
+    return inputs
+
+
+def embedding_model_path(wildcards):
+    model = embedding_spec(wildcards.embedding)["model"]
+    return ESM2_TINY_DIR if model == "tiny" else model
+
+
+def embedding_resource(key):
+    """An embedding's own `resources` (ESM2-15B needs ~40 GB to load in fp16), else the input-sized default."""
+    sized = data_mem_mb("embed_genes") if key == "mem_mb" else data_runtime("embed_genes")
+
+    def resource(wildcards, input, attempt):
+        own = embedding_spec(wildcards.embedding)["resources"].get(key)
+        return int(own) * attempt if own else sized(wildcards, input, attempt)
+
+    return resource
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NONE",
+    embedding="|".join(re.escape(e) for e in gene_embeddings()) or "NONE",
     model="|".join(MODELS) or "NONE",
     table="|".join(TABLES) or "NONE",
 
@@ -159,7 +227,10 @@ def needs_esm2(model, dataset):
 
 
 def esm2_input(wildcards):
-    return f"results/{wildcards.dataset}/esm2.npz" if needs_esm2(wildcards.model, wildcards.dataset) else []
+    """The model's gene-embedding file (its `gene_embedding`), if its type conditions on one."""
+    if not needs_esm2(wildcards.model, wildcards.dataset):
+        return []
+    return f"results/{wildcards.dataset}/embeddings/{embedding_of(wildcards.model)}.npz"
 
 
 def model_source_files(model):
@@ -308,13 +379,6 @@ import yaml
 ESM2_TINY_DIR = "results/esm2/tiny_model"
 
 
-# What embed_genes loads: the offline tiny model's directory, or a hub name / local directory as configured.
-ESM2_MODEL = ESM2_TINY_DIR if config["esm2"]["model"] == "tiny" else config["esm2"]["model"]
-
-
-def esm2_model_input(wildcards):
-    return ESM2_TINY_DIR if ESM2_MODEL == ESM2_TINY_DIR else []
-
 
 PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
 
@@ -361,3 +425,6 @@ def celleval_inputs(w):
         base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
         base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
     return base
+
+
+_check_names()  # last: it uses the input helpers above

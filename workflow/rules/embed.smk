@@ -1,4 +1,6 @@
-# ESM2 embeddings of every perturbed gene (zero vector for the control), from the configured ESM2.
+# Gene embeddings of the perturbed genes (zero vector for the control), one file per configured embedding
+# (esm2.embeddings: which ESM2 model, pooling, genes; or one-hot identity): results/{dataset}/embeddings/{embedding}.npz
+
 
 rule build_tiny_esm2:
     output:
@@ -28,29 +30,43 @@ rule download_sequences:
         "../scripts/download_source.py"
 
 
-rule embed_genes:
+rule fetch_ensembl_canonical:
     input:
         split="results/{dataset}/split.csv",
-        sequences=lookup(dpath="datasets/{dataset}/esm2/sequences", within=config),
-        model=esm2_model_input,
-        release_note=lookup(dpath="esm2/uniprot_release_note", within=config, default=[]),
+        processed="results/{dataset}/processed.h5ad",
     output:
-        "results/{dataset}/esm2.npz",
+        ENSEMBL_CANONICAL_FASTA,
     params:
-        model=ESM2_MODEL,
-        batch_size=lookup(dpath="esm2/batch_size", within=config),
-        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
-        allow_missing=lookup(dpath="esm2/allow_missing", within=config),
-        release=lookup(dpath="esm2/uniprot_release", within=config, default=None),
-        taxon_id=lookup(dpath="esm2/taxon_id", within=config, default=None),
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        symbol_column=lambda w: config["datasets"][w.dataset]["esm2"].get("symbol_column", "gene_name"),
     log:
-        "logs/esm2/{dataset}.log",
+        "logs/esm2/{dataset}/ensembl_canonical.log",
     benchmark:
-        "benchmarks/esm2/{dataset}.tsv"
+        "benchmarks/esm2/{dataset}/ensembl_canonical.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_ensembl_canonical.py"
+
+
+rule embed_genes:
+    input:
+        unpack(embedding_inputs),
+    output:
+        "results/{dataset}/embeddings/{embedding}.npz",
+    params:
+        spec=lambda w: embedding_spec(w.embedding),
+        model=embedding_model_path,
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        shared=lambda w: {k: v for k, v in config["esm2"].items() if k in ESM2_SHARED_KEYS},
+    log:
+        "logs/esm2/{dataset}/{embedding}.log",
+    benchmark:
+        "benchmarks/esm2/{dataset}/{embedding}.tsv"
     resources:
-        gpu=0 if ESM2_MODEL == ESM2_TINY_DIR else 1,
-        mem_mb=data_mem_mb("embed_genes"),
-        runtime=data_runtime("embed_genes"),
+        gpu=lambda w: 0 if embedding_on_cpu(w.embedding) else 1,
+        mem_mb=embedding_resource("mem_mb"),
+        runtime=embedding_resource("runtime"),
     conda:
         ENV
     script:

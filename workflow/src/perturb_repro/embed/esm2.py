@@ -17,6 +17,11 @@ Where we deliberately differ from cellflow-tools 0.x ``protein_features_from_gen
   caller explicitly allows missing genes, and then record them in the output file. Either way
   :func:`run_esm2` lists them in ``<out>_missing_genes.csv`` beside the ``.npz``.
 
+``pooling="cellflow_card"`` reproduces the first point on purpose (the CellFlow-Norman card's embeddings were
+computed that way, issue 16.5): every gene is averaged over residues ``1 .. min(1022, shortest sequence)``,
+the shortest over the genes embedded together, exactly what cellflow's loop ends up using because its batches
+run shortest first. It is a mode for reproducing that table, never the default.
+
 Sequences come from a UniProt FASTA (``>sp|P12345|NAME_HUMAN ... GN=SYMBOL ...``, keyed by ``GN=``,
 canonical reviewed entry preferred; :mod:`perturb_repro.embed.uniprot`) or from a ``>SYMBOL`` FASTA
 such as the demo placeholders. The ``.npz`` records the FASTA's path, format, sha256 and UniProt
@@ -46,6 +51,11 @@ VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWY" "XUBZO")
 
 # cellflow's default ``trunc_len``: passed to the tokenizer as max_length, so it counts CLS and EOS.
 CELLFLOW_TRUNC_LEN = 1022
+
+# How a sequence's residue representations become one vector (embed_genes' ``pooling``).
+POOLINGS = ("mean", "cellflow_card")
+# Which genes run_esm2 embeds: the perturbed ones, or every gene of the FASTA too (scGPT's vocabulary prior).
+GENE_SCOPES = ("perturbed", "all")
 
 # Keys of the .npz written by write_embeddings (all required when loading).
 NPZ_KEYS = ("genes", "embeddings", "control_label", "model_name", "missing")
@@ -177,6 +187,8 @@ def embed_genes(
     *,
     allow_missing: bool = False,
     sequences_source: str = "sequences",
+    pooling: str = "mean",
+    dtype: str | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Mean-pooled ESM2 embedding per gene.
 
@@ -198,6 +210,10 @@ def embed_genes(
         allow_missing: If True, genes without a sequence are skipped and returned in the second element
             instead of raising.
         sequences_source: Name of where ``sequences`` came from (e.g. the FASTA path), used in errors.
+        pooling: ``mean`` (every residue of the gene's own sequence) or ``cellflow_card`` (residues
+            ``1 .. min(1022, shortest sequence of this call)``, cellflow-tools 0.x's loop; see the module doc).
+        dtype: Torch dtype the model is loaded in (``float16`` for ESM2-15B on one GPU); ``None``: float32.
+            Pooling is always computed in float32.
 
     Returns:
         ``(embeddings, missing)``: gene -> float32 vector of the model's hidden size, and the sorted
@@ -210,6 +226,8 @@ def embed_genes(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     wanted = sorted(set(genes))
     missing = [g for g in wanted if g not in sequences]
     if missing and not allow_missing:
@@ -238,7 +256,8 @@ def embed_genes(
     # The mean-pooling below assumes <cls> x1..xn <eos> <pad>...; make right padding explicit.
     tokenizer.padding_side = "right"
     # No pooler: we pool ourselves, and cellflow loads it the same way.
-    model = EsmModel.from_pretrained(str(model_name_or_path), add_pooling_layer=False)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = EsmModel.from_pretrained(str(model_name_or_path), add_pooling_layer=False, torch_dtype=torch_dtype)
     model.eval()
     model.requires_grad_(False)
     model.to(device)
@@ -256,6 +275,13 @@ def embed_genes(
 
     # Shortest first, like cellflow/fair-esm batching, so each batch pads to similar lengths.
     order = sorted(present, key=lambda g: (len(sequences[g]), g))
+    # cellflow's trunc_len after its first (= shortest) sequence: min(1022, len(shortest)); it averages
+    # hidden positions 1 .. window of every later sequence (capped by the positions the sequence has)
+    window = min(CELLFLOW_TRUNC_LEN, len(sequences[order[0]])) if pooling == "cellflow_card" else None
+    if window is not None:
+        logger.warning("ESM2 pooling cellflow_card: every gene averaged over its first %d residues (the shortest "
+                       "sequence, %s), as cellflow-tools' loop does -- the card's embedding, not a correct one",
+                       window, order[0])
     embeddings: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
@@ -284,6 +310,11 @@ def embed_genes(
             residue_mask[:, 0] = 0
             rows = torch.arange(residue_mask.shape[0], device=device)
             residue_mask[rows, lengths - 1] = 0
+            if window is not None:  # cellflow: positions 1 .. window, EOS included when the window reaches it
+                positions = torch.arange(residue_mask.shape[1], device=device)
+                residue_mask = ((positions >= 1) & (positions <= window)).unsqueeze(0) & attention_mask.bool()
+                residue_mask = residue_mask.to(attention_mask.dtype)
+            hidden = hidden.float()
             weights = residue_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             for gene, vector in zip(batch_genes, pooled.float().cpu().numpy(), strict=True):
@@ -428,6 +459,9 @@ def run_esm2(
     release: str | None = None,
     release_note: str | os.PathLike | None = None,
     taxon_id: int | None = None,
+    genes: str = "perturbed",
+    pooling: str = "mean",
+    dtype: str | None = None,
 ) -> Path:
     """Embed every gene perturbed in ``conditions`` and write the ``.npz`` (the Snakemake rule's entry point).
 
@@ -449,10 +483,18 @@ def run_esm2(
         release: UniProt release recorded in the ``.npz`` (``sequence_release``).
         release_note: UniProt ``reldate.txt`` to read the release from when ``release`` is unset.
         taxon_id: UniProt only: keep records with this ``OX=`` (e.g. 9606).
+        genes: ``perturbed`` (the genes of ``conditions``) or ``all``: those plus every gene of the FASTA, so a
+            model can give every gene of its vocabulary a prior (the scGPT-Replogle card's +ESM run, whose
+            table covers each vocabulary gene with an ESM2 vector). Only perturbed genes must have a sequence.
+        pooling: see :func:`embed_genes` (``cellflow_card``: the CellFlow card's truncation bug, on purpose).
+        dtype: model dtype (see :func:`embed_genes`).
 
     Returns:
         The written path.
     """
+    if genes not in GENE_SCOPES:
+        raise PipelineInputError("esm2", "genes", f"must be one of {GENE_SCOPES}, not {genes!r}")
+    scope = genes
     genes = genes_of_conditions(conditions, control_label)
     if not genes:
         raise PipelineInputError("conditions", "condition", f"no perturbed genes besides '{control_label}'")
@@ -472,6 +514,8 @@ def run_esm2(
                 f"no protein sequence for {len(missing)} gene(s) {missing[:20]} (all listed in {report}); "
                 "fix the FASTA or set esm2.allow_missing: true to leave them without an embedding",
             )  # fmt: skip
+    if scope == "all":
+        genes = sorted(set(genes) | (set(seqset.sequences) - {control_label}))
     embeddings, missing = embed_genes(
         genes,
         seqset.sequences,
@@ -481,6 +525,8 @@ def run_esm2(
         max_length=max_length,
         allow_missing=allow_missing,
         sequences_source=str(fasta_path),
+        pooling=pooling,
+        dtype=dtype,
     )
     if not embeddings:
         raise PipelineInputError(str(fasta_path), "sequence", f"none of the genes {genes} has a sequence")
@@ -489,5 +535,7 @@ def run_esm2(
         "sequence_format": seqset.format,
         "sequence_release": seqset.release or "",
         "sequence_sha256": sha256_of(fasta_path),
+        "pooling": pooling,
+        "gene_scope": scope,
     }
     return write_embeddings(out_path, embeddings, control_label, str(model_name_or_path), missing, metadata)

@@ -242,7 +242,7 @@ class ScGPTModel:
         net, space, meta = build_for_training(train, context, params, checkpoint_dir, write=world.is_main)
         arch = meta["arch"]
         fingerprint = {"meta": meta, "n_cells": int(train.n_obs), "data": params.get("data", {}),
-                       **{k: training.get(k) for k in ("batch_size", "lr", "lr_gamma", "grad_clip_norm")}}
+                       **{k: training.get(k) for k in ("batch_size", "lr", "lr_gamma", "grad_clip_norm", "cells_per_epoch", "drop_last")}}
         trainer = Trainer(trainer_config(training, seed), checkpoint_dir, kind="scgpt", fingerprint=fingerprint,
                           log_file=LOG_FILE)
 
@@ -266,7 +266,7 @@ class ScGPTModel:
             cond_tokens=cond_tokens, cap=cap, use_prior=net.gene_prior is not None, params=params, seed=seed, scheduler=scheduler,
             val=val if has_val else None, x_val=_matrix(val) if has_val else None, control_x=control_x,
             precision=trainer.precision_used, device=trainer.device, checkpoint_dir=checkpoint_dir,
-            is_main=trainer.is_main,
+            is_main=trainer.is_main, world_size=trainer.world.size,
         )
         result = trainer.fit(net, optimizer, task, stateful={"lr_schedule": scheduler})
         if trainer.is_main:

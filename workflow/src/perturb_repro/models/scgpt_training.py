@@ -123,14 +123,35 @@ def train_pairs(train: ad.AnnData, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return source, np.arange(train.n_obs)
 
 
-def epoch_batches(n_pairs: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled batches of one epoch; the last short batch is dropped (GEARS' train loader) unless
-    it would be the only one."""
+def epoch_batches(
+    n_pairs: int, batch_size: int, seed: int, epoch: int, *, cells_per_epoch: int | None = None,
+    drop_last: bool = True, multiple_of: int = 1,
+) -> list[np.ndarray]:
+    """Shuffled batches of one epoch.
+
+    ``cells_per_epoch`` (None: every pair once) makes an epoch that many pairs: the first ones of the
+    epoch's shuffle (more shuffles are appended when it exceeds ``n_pairs``), so a budget stated in cells
+    per epoch (the Replogle card's 180,021) holds whatever the size of the training pool. ``drop_last``
+    (GEARS' train loader) drops the last short batch unless it would be the only one; without it (the card
+    runner's torch_geometric DataLoader) the short batch is kept, cut to a multiple of ``multiple_of``
+    (the data-parallel world size, which must divide every global batch).
+    """
     order = torch.randperm(n_pairs, generator=_generator(seed, 0xE90C, epoch)).numpy()
-    n_full = n_pairs // batch_size
+    if cells_per_epoch is not None:
+        parts, have, k = [order], n_pairs, 1
+        while have < cells_per_epoch:
+            parts.append(torch.randperm(n_pairs, generator=_generator(seed, 0xE90C, epoch, k)).numpy())
+            have, k = have + n_pairs, k + 1
+        order = np.concatenate(parts)[: int(cells_per_epoch)]
+    n_full = len(order) // batch_size
     if n_full == 0:
         return [order]
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]
+    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]
+    rest = order[n_full * batch_size :]
+    rest = rest[: len(rest) - len(rest) % max(1, int(multiple_of))]
+    if not drop_last and len(rest):
+        batches.append(rest)
+    return batches
 
 
 def gene_subset(n_kept: int, cap: int, seed: int, step: int) -> np.ndarray | None:
@@ -235,13 +256,16 @@ class _FineTuneTask(TrainTask):
 
     def __init__(self, *, space: GeneSpace, arch: Mapping[str, Any], x_train, source, target, conditions,
                  cond_tokens, cap: int, use_prior: bool, params: Mapping[str, Any], seed: int, scheduler, val, x_val, control_x,
-                 precision: str, device: torch.device, checkpoint_dir: Path, is_main: bool):
+                 precision: str, device: torch.device, checkpoint_dir: Path, is_main: bool, world_size: int = 1):
         training = params["training"]
         self.space, self.arch, self.x, self.source, self.target = space, arch, x_train, source, target
         self.conditions, self.cond_tokens, self.cap = conditions, cond_tokens, cap
         self.params, self.seed, self.scheduler = params, seed, scheduler
         self.batch_size = int(training["batch_size"])
-        self.steps_per_epoch = len(epoch_batches(len(source), self.batch_size, seed, 0))  # the same every epoch
+        cells = training.get("cells_per_epoch")
+        self.epoch_shape = {"cells_per_epoch": None if cells is None else int(cells),
+                            "drop_last": bool(training.get("drop_last", True)), "multiple_of": world_size}
+        self.steps_per_epoch = len(self._draw(0))  # the same every epoch
         self.max_epochs = int(training["max_epochs"])
         self.stop_metric = str(training.get("stop_metric", "pearson_delta"))
         self.val, self.x_val, self.control_x = val, x_val, control_x
@@ -259,9 +283,12 @@ class _FineTuneTask(TrainTask):
         self.best: dict[str, torch.Tensor] | None = None
         self._clock = time.time()
 
+    def _draw(self, epoch: int) -> list[np.ndarray]:
+        return epoch_batches(len(self.source), self.batch_size, self.seed, epoch, **self.epoch_shape)
+
     def _batches(self, epoch: int) -> list[np.ndarray]:
         if self._epoch_rows is None or self._epoch_rows[0] != epoch:
-            self._epoch_rows = (epoch, epoch_batches(len(self.source), self.batch_size, self.seed, epoch))
+            self._epoch_rows = (epoch, self._draw(epoch))
         return self._epoch_rows[1]
 
     def loss(self, net: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
