@@ -320,3 +320,17 @@ def test_tiny_preset_on_demo_data(kind, preset, demo_processed, tmp_path):
     info = json.loads((tmp_path / "fit.json").read_text())
     assert info["steps"] == 2 * info["steps_per_epoch"] and info["n_covariates"] == 1
     assert info["train_cells"] == train.n_obs  # controls included (add_controls: false)
+
+
+@pytest.mark.parametrize("kind,preset", VARIANTS)
+def test_sampling_seed_changes_the_cells(kind, preset, fitted, synthetic):
+    """issue 20: the sampling seed picks the control cells and the model's noise; a sampler that ignored it
+    (always 0) would give identical cells for every seed."""
+    train, _ = synthetic
+    control = train[train.obs["is_control"].to_numpy()]
+    params = _fit_params(kind, preset)
+    draw = lambda seed: MODELS[kind]().sample(fitted[(kind, preset)], ["A+B"], control, 50, CONTEXT, params,
+                                              {"seed": seed})["A+B"]
+    a, b, c = draw(7), draw(7), draw(8)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4

@@ -252,7 +252,8 @@ def test_ot_coupling_pairs_nearby_cells():
     centres = rng.normal(scale=4.0, size=(8, 5))
     x0 = (centres[rng.integers(0, 8, 128)] + rng.normal(scale=0.3, size=(128, 5))).astype(np.float32)
     x1 = (centres[rng.integers(0, 8, 128)] + rng.normal(scale=0.3, size=(128, 5)) + 0.5).astype(np.float32)
-    i, j = pf.ot_pairs(x0, x1, np.random.default_rng(1), epsilon=0.01)
+    i, j, fell_back = pf.ot_pairs(x0, x1, np.random.default_rng(1), epsilon=0.01)
+    assert not fell_back
     assert len(i) == len(j) == 128
     coupled = ((x0[i] - x1[j]) ** 2).sum(1).mean()
     random_pairs = ((x0[rng.permutation(128)] - x1) ** 2).sum(1).mean()
@@ -377,3 +378,133 @@ def test_pipeline_steps_end_to_end(tmp_path, monkeypatch, demo_processed, contex
     n_test = len(set(pred.obs["condition"]) - {"control"})
     assert pred.n_vars == demo_processed.n_vars and (pred.obs["condition"] != "control").sum() == 5 * n_test
     assert pred.uns["sampler"]["guidance_weight"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 16.7: no fallback training where the task has no unseen perturbation; loud OT fallback
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_do_not_train_the_unseen_fallback(name):
+    # Norman19 combo, Srivatsan20 and Jiang24 covariate transfer: every test perturbation token is a train token,
+    # so substituting the fallback for learned rows would only add noise
+    assert model_params({"type": "primeflow", "preset": name})["perturbation"]["substitute_prob"] == 0.0
+
+
+def test_sinkhorn_fallback_is_logged_and_counted(tmp_path, monkeypatch, caplog, train, context):
+    monkeypatch.setattr(pf, "ot_plan", lambda x0, x1, *a, **k: np.full((len(x0), len(x1)), np.nan))
+    params = _params("tiny_fm_pca_ot", 2, 100)
+    with caplog.at_level("WARNING", logger=pf.__name__):
+        pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path)
+    tr = params["training"]
+    per_micro = max(1, int(tr["batch_size"]) // params["ot"]["num_samples_per_condition"])  # condition groups
+    expected = 2 * int(tr["grad_accum_steps"]) * int(tr["num_gpus"]) * per_micro
+    rows = pd.read_csv(tmp_path / pf.OT_LOG_FILE)
+    assert len(rows) == expected and sorted(set(rows["step"])) == [0, 1]
+    assert json.loads((tmp_path / pf.FIT_FILE).read_text())["ot_fallbacks"] == expected
+    assert sum("Sinkhorn plan unusable" in r.getMessage() for r in caplog.records) == expected
+
+
+def test_working_sinkhorn_logs_no_fallback(tmp_path, train, context):
+    pf.PRiMeFlowModel().fit(train, None, context, _params("tiny_fm_pca_ot", 1, 100), tmp_path)
+    assert json.loads((tmp_path / pf.FIT_FILE).read_text())["ot_fallbacks"] == 0
+    assert len(pd.read_csv(tmp_path / pf.OT_LOG_FILE)) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 20: the sampling seed matters; exact parameter counts from the layer sizes
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_fm_pca_ot"])
+def test_sampling_seed_changes_the_cells(tmp_path, train, demo_processed, context, preset):
+    params = _params(preset, 2, 100)
+    pf.PRiMeFlowModel().fit(train, None, context, params, tmp_path)
+    control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
+    draw = lambda seed: pf.PRiMeFlowModel().sample(tmp_path, ["KLF1+MAP2K6"], control, 6, context, params,
+                                                   {"steps": 3, "guidance_weight": 1.0, "seed": seed})["KLF1+MAP2K6"]
+    a, b, c = draw(3), draw(3), draw(4)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+
+
+def _linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def _conv(i, o, k):
+    return i * o * k + o
+
+
+def _mlp_params(d_in, hidden, d_out, n):
+    dims = [d_in] + [hidden] * (n - 1) + [d_out]
+    return sum(_linear(a, b) for a, b in zip(dims, dims[1:]))
+
+
+def _resblock(cin, cout, emb, scale_shift):
+    n = 2 * cin + _conv(cin, cout, 3) + _linear(emb, cout * (2 if scale_shift else 1)) + 2 * cout + _conv(cout, cout, 3)
+    return n + (_conv(cin, cout, 1) if cin != cout else 0)
+
+
+def _attention(c):
+    return 2 * c + _conv(c, 3 * c, 1) + _conv(c, c, 1)
+
+
+def _unet_params(h, emb, net):
+    """guided-diffusion's UNetModel (1-D, in_channels = h, out_channels = 1), block by block from its
+    definition: input conv; per level num_res_blocks ResBlocks (+ attention at the listed downsample rates) and a
+    downsample conv except at the last level; middle ResBlock-attention-ResBlock; per level (reversed)
+    num_res_blocks + 1 ResBlocks on [h ; skip] (+ attention), an upsample conv closing every level but the first;
+    GroupNorm and the output conv."""
+    mult, nrb, attn = net["channel_mult"], net["num_res_blocks"], set(net["attention_resolutions"])
+    ss, conv = bool(net.get("use_scale_shift_norm", False)), bool(net["conv_resample"])
+    total, ch, skips, ds = _conv(h, h * mult[0], 3), h * mult[0], [h * mult[0]], 1
+    for level, m in enumerate(mult):
+        for _ in range(nrb):
+            total += _resblock(ch, h * m, emb, ss) + (_attention(h * m) if ds in attn else 0)
+            ch = h * m
+            skips.append(ch)
+        if level < len(mult) - 1:
+            total += _conv(ch, ch, 3) if conv else 0
+            skips.append(ch)
+            ds *= 2
+    total += 2 * _resblock(ch, ch, emb, ss) + _attention(ch)
+    for level in reversed(range(len(mult))):
+        for i in range(nrb + 1):
+            total += _resblock(ch + skips.pop(), h * mult[level], emb, ss)
+            ch = h * mult[level]
+            total += _attention(ch) if ds in attn else 0
+            if level and i == nrb:
+                total += _conv(ch, ch, 3) if conv else 0
+                ds //= 2
+    return total + 2 * ch + _conv(h * mult[0], 1, 3)
+
+
+def _expected_parameters(params, dim, n_perts, esm_dim, cov_sizes):
+    net, h = params["network"], params["network"]["hidden_dim"]
+    if params["architecture"] == "unet":
+        levels = len(net["channel_mult"])
+        padded = -(-dim // 2 ** (levels - 1)) * 2 ** (levels - 1)
+        emb = 4 * h
+        velocity = (padded * h + _mlp_params(2 * h, h, h, net["n_layers_gene_expression"])
+                    + _mlp_params(h, emb, emb, net["n_layers_time"]) + _unet_params(h, emb, net))
+    else:
+        emb = h
+        velocity = (_mlp_params(dim, h, h, net["n_layers_gene_expression"]) + _mlp_params(h, h, h, net["n_layers_time"])
+                    + _mlp_params(3 * h, h, dim, net["n_layers_decoding"]))
+    # condition: perturbation rows, covariate rows and bias (the first layer), ESM2 projection, unknown and null
+    # vectors, then n_layers_conditions - 1 Linear(emb, emb)
+    condition = ((n_perts + sum(cov_sizes)) * emb + emb + esm_dim * emb + 2 * emb
+                 + (net["n_layers_conditions"] - 1) * _linear(emb, emb))
+    return velocity + condition
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_preset_parameter_counts_are_exact(name, capsys):
+    params = model_params({"type": "primeflow", "preset": name})
+    dim = N_GENES if params["space"] == "gene" else 50
+    cov_values = [[f"c{i}" for i in range(6)], [f"t{i}" for i in range(5)]] if "jiang24" in name else [["k562"]]
+    field = pf.build_field(_spec(params, dim, covariate_values=cov_values), seed=0)
+    expected = _expected_parameters(params, dim, 300, 320, [len(v) for v in cov_values])
+    with capsys.disabled():
+        print(f"\n[primeflow] {name}: {expected:,} parameters expected at {dim} {'genes' if dim == N_GENES else 'PCs'}")
+    assert pf.count_parameters(field) == expected

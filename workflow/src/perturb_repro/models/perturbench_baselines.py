@@ -448,6 +448,7 @@ class _EpochTask(TrainTask):
 
     def loss(self, module: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
         epoch, k = divmod(step, self.steps_per_epoch)
+        self.net.current_epoch = epoch  # Lightning's current_epoch, for losses with warm-up epochs (CPA)
         rows = self._rows(epoch)[k * self.bs:(k + 1) * self.bs]
         part, weight = _share(len(rows), shard)
         gen = torch.Generator().manual_seed(_seed(self.seed, STREAM_STEP, step))
@@ -494,7 +495,7 @@ class _EpochTask(TrainTask):
                 st["es_best"], st["es_wait"] = val, 0
             else:
                 st["es_wait"] += 1
-            if (epoch + 1) % hp["sched_freq"] == 0:
+            if hp["scheduler"] == "reduce_on_plateau" and (epoch + 1) % hp["sched_freq"] == 0:
                 self.plateau.step(val)
             st["val_history"].append({"epoch": epoch, "step": step, "val_loss": val,
                                       "lr": self.plateau.optimizer.param_groups[0]["lr"]})
@@ -538,13 +539,16 @@ class _PerturBenchModel:
         interval = model.get("lr_scheduler_interval", "epoch")
         if interval != "epoch":
             raise NotImplementedError("only lr_scheduler_interval 'epoch' (PerturBench's default) is implemented")
+        scheduler = str(model.get("lr_scheduler") or "reduce_on_plateau")  # none: a constant learning rate
+        if scheduler not in ("reduce_on_plateau", "none"):
+            raise ValueError(f"model.lr_scheduler must be reduce_on_plateau or none, not {scheduler!r}")
         if stop.get("monitor", "val_loss") != "val_loss":
             raise NotImplementedError("early stopping monitors val_loss only (configs/callbacks/early_stopping.yaml)")
         hp = {
             # PerturbationModel.__init__ defaults when the config leaves them unset
             "lr": float(model.get("lr") if model.get("lr") is not None else 1e-3),
             "wd": float(model.get("wd") if model.get("wd") is not None else 1e-5),
-            "sched_freq": int(model.get("lr_scheduler_freq") or 1),
+            "scheduler": scheduler, "sched_freq": int(model.get("lr_scheduler_freq") or 1),
             "sched_patience": int(model.get("lr_scheduler_patience") if model.get("lr_scheduler_patience") is not None else 15),
             "sched_factor": float(model.get("lr_scheduler_factor") if model.get("lr_scheduler_factor") is not None else 0.2),
             "batch_size": int(params.get("data", {}).get("batch_size", 4000)),

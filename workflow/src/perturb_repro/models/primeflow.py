@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,7 @@ from torch import nn
 from ..data.conditions import genes_of
 from ..data.pca import dense
 from ..data.source import CONDITION, IS_CONTROL
-from ..io import atomic_path, write_text
+from ..io import atomic_path, write_csv, write_text
 from ..distributed import current_world
 from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, resolve_device
 from ._flow import count_parameters, euler_integrate, guided_velocity
@@ -71,6 +73,10 @@ META_FILE = "meta.json"
 RANGES_FILE = "ranges.npz"
 STATE_FILE = "trainer_state.json"  # the shared trainer's resume point
 LOG_FILE = "train_log.csv"
+OT_LOG_FILE = "ot_fallbacks.csv"  # one row per Sinkhorn failure (FM PCA OT); the count is also in fit.json
+FIT_FILE = "fit.json"
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,14 +272,17 @@ def ot_plan(x0: np.ndarray, x1: np.ndarray, epsilon: float | None, scale_cost: s
 
 
 def ot_pairs(x0: np.ndarray, x1: np.ndarray, rng: np.random.Generator, epsilon=0.1, scale_cost="mean",
-             tau_a=1.0, tau_b=1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Minibatch OT coupling: draw ``len(x1)`` (source, target) index pairs from the plan."""
+             tau_a=1.0, tau_b=1.0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Minibatch OT coupling: draw ``len(x1)`` (source, target) index pairs from the plan. The third value is
+    True when the solver failed and the pairs are independent instead (the caller counts and logs it: a
+    silent fallback would turn FM PCA OT into FM PCA without a trace)."""
     plan = ot_plan(x0, x1, epsilon, scale_cost, tau_a, tau_b)
     p = np.clip(plan.ravel(), 0, None)
-    if not np.isfinite(p).all() or p.sum() <= 0:  # solver failure: fall back to independent pairs
+    fell_back = not np.isfinite(p).all() or p.sum() <= 0
+    if fell_back:
         p = np.ones_like(p)
     k = rng.choice(p.size, size=len(x1), replace=True, p=p / p.sum())
-    return k // plan.shape[1], k % plan.shape[1]
+    return k // plan.shape[1], k % plan.shape[1], fell_back
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,8 +432,21 @@ class _FlowTask(TrainTask):
                 raise ValueError("OT coupling needs control cells in the train split")
         elif spec["coupling"] != "independent":
             raise ValueError(f"coupling must be independent or ot, not {spec['coupling']!r}")
+        self.ot_fallbacks: list[list[int]] = []  # [step, micro, condition group] of every failed Sinkhorn plan
 
-    def _batch(self, rng: np.random.Generator):
+    def _ot_fallback(self, step: int, micro: int, group: int) -> None:
+        self.ot_fallbacks.append([step, micro, group])
+        logger.warning("FM PCA OT: Sinkhorn plan unusable at update %d (micro-batch %d, condition group %d); pairs "
+                       "drawn independently instead (%d fallbacks so far; listed in %s, counted in %s)",
+                       step, micro, group, len(self.ot_fallbacks), OT_LOG_FILE, FIT_FILE)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ot_fallbacks": [list(r) for r in self.ot_fallbacks]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.ot_fallbacks = [list(map(int, r)) for r in state.get("ot_fallbacks", [])]
+
+    def _batch(self, rng: np.random.Generator, step: int = 0, micro: int = 0):
         """(x0 or None, x1, row indices of the target cells) of the global micro-batch."""
         if self.spec["coupling"] == "independent":
             idx = rng.integers(0, self.cells.n, size=self.batch_size)
@@ -437,7 +459,9 @@ class _FlowTask(TrainTask):
             t_idx = rng.choice(members, size=self.nspc, replace=len(members) < self.nspc)
             s_idx = rng.choice(pool, size=self.nspc, replace=len(pool) < self.nspc)
             x0, x1 = self.cells.rows(s_idx), self.cells.rows(t_idx)
-            i, j = ot_pairs(x0, x1, rng, **self.ot_kwargs)
+            i, j, fell_back = ot_pairs(x0, x1, rng, **self.ot_kwargs)
+            if fell_back:
+                self._ot_fallback(step, micro, int(g))
             src.append(x0[i])
             tgt.append(t_idx[j])
         idx = np.concatenate(tgt)
@@ -445,7 +469,7 @@ class _FlowTask(TrainTask):
 
     def loss(self, field: nn.Module, step: int, micro: int, shard: Shard) -> torch.Tensor:
         rng = np.random.default_rng(_step_seed(self.seed, step, micro))
-        x0_np, x1_np, idx = self._batch(rng)
+        x0_np, x1_np, idx = self._batch(rng, step, micro)
         dev = shard.device
         x1 = torch.as_tensor(x1_np, device=dev)
         tok = torch.as_tensor(self.cells.tok[idx], device=dev)
@@ -540,6 +564,12 @@ class PRiMeFlowModel:
         result = trainer.fit(field, optimizer, task)
         if trainer.is_main:
             _save(checkpoint_dir, result.module, result.steps)
+            if spec["coupling"] == "ot":
+                write_csv(pd.DataFrame(task.ot_fallbacks, columns=["step", "micro", "condition_group"]),
+                          checkpoint_dir / OT_LOG_FILE, index=False)
+            write_text(json.dumps({"steps": result.steps, "n_parameters": count_parameters(field),
+                                   "ot_fallbacks": len(task.ot_fallbacks) if spec["coupling"] == "ot" else None,
+                                   "substitute_prob": task.p_sub}, indent=2), checkpoint_dir / FIT_FILE)
         trainer.close()
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):

@@ -271,6 +271,148 @@ class SAMSVAENet(nn.Module):
         return self.decode(lat["z_basal"] + lat["z_p"], cov)
 
 
+# --------------------------------------------------------------------------- the later release (fc13a8c)
+
+
+RELEASES = ("neurips2024", "neurips2025")
+
+
+def model_release(cfg: Mapping[str, Any]) -> str:
+    """``model.release``: which PerturBench release's SparseAdditiveVAE the preset runs (default: the first)."""
+    release = str(cfg.get("release", "neurips2024"))
+    if release not in RELEASES:
+        raise ValueError(f"model.release must be one of {RELEASES}, not {release!r}")
+    return release
+
+
+def straight_through_relaxed_bernoulli(logits: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """``perturbench.modelcore.nn.mlp.gumbel_softmax_bernoulli`` (fc13a8c): a relaxed Bernoulli sample
+    thresholded at 0.5, with the relaxed sample's gradient (straight through)."""
+    soft = relaxed_bernoulli_sample(logits, temperature)
+    return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+
+
+def _normal_log_prob(x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """``Normal(mu, exp(log_var / 2).clip(min=1e-8)).log_prob(x)``."""
+    std = torch.exp(0.5 * log_var).clamp(min=1e-8)
+    return -((x - mu) / std).pow(2) / 2 - std.log() - 0.5 * math.log(2 * math.pi)
+
+
+class SAMSVAE2025Net(nn.Module):
+    """``SparseAdditiveVAE`` of PerturBench's later release (commit fc13a8c, ``modelcore/models/sams_vae.py``),
+    with its ``IsotropicGaussian`` decoder (the default ``decoder_distribution``):
+
+    * global mask logits ``m_logits [n_perts, latent]`` (initialised at -1); per forward pass one mask
+      ``m ~ straight-through relaxed Bernoulli(sigmoid(m_logits), T=0.5)`` -- or all ones with
+      ``disable_sparsity``;
+    * for every (cell, active perturbation k): ``e_k ~ q(e | [m_k ; p_cell])`` with
+      ``BaseEncoder(latent + n_perts, hidden_dim_x, latent, n_layers_encoder_e)`` (input ``p_cell`` alone with
+      ``disable_sparsity``; ``e_k`` = the mean with ``disable_e_dist``), and ``z_p = sum_k m_k * e_k``;
+    * ``z_basal ~ q(z | [x (; covariates) ; z_p])`` (``BaseEncoder(genes (+covs) + latent, hidden_dim_x, latent,
+      n_layers_encoder_x)``); at prediction with ``generative_counterfactual`` ``z_basal ~ N(0, I)`` instead;
+    * decoder ``MLP(latent (+covs), hidden_dim_x, genes, n_layers_decoder, dropout)`` (+ softplus);
+    * loss = ``sum_genes (x - x_hat)^2`` (batch mean) + Monte-Carlo KL terms: ``mean(log q(z) - log p(z))`` +
+      ``mean(sum_k (log q(e_k) - log p(e_k)) / (p_cell . counts))`` + ``sum_k (log q(m_k) - log p(m_k)) *
+      (cells of k in the batch / cells of k in train) / batch`` (``counts``: train cells per perturbation).
+
+    ``hidden_dim_cond`` is read by nothing upstream (kept in the presets, verbatim)."""
+
+    uses_control = False
+
+    def __init__(self, n_genes: int, n_perts: int, n_covariates: int, cfg: Mapping[str, Any],
+                 perturbation_counts: torch.Tensor | None = None):
+        super().__init__()
+        if n_perts < 1:
+            raise ValueError("SAMS-VAE needs at least one perturbation seen in the train cells")
+        latent = _positive_int(cfg, "latent_dim", 40)
+        hidden_x = _positive_int(cfg, "hidden_dim_x", 850)
+        dropout = cfg.get("dropout", 0.2)
+        self.latent_dim, self.n_perts = latent, n_perts
+        self.inject_enc = bool(cfg.get("inject_covariates_encoder", False))
+        self.inject_dec = bool(cfg.get("inject_covariates_decoder", False))
+        self.softplus_output = bool(cfg.get("softplus_output", True))
+        self.disable_sparsity = bool(cfg.get("disable_sparsity", False))
+        self.disable_e_dist = bool(cfg.get("disable_e_dist", False))
+        self.generative_counterfactual = bool(cfg.get("generative_counterfactual", False))
+        self.mask_prior = float(cfg.get("mask_prior_probability", 0.01))
+        if not 0.0 < self.mask_prior < 1.0:
+            raise ValueError(f"mask_prior_probability must lie in (0, 1), got {self.mask_prior}")
+        if str(cfg.get("decoder_distribution", "IsotropicGaussian")) != "IsotropicGaussian":
+            raise NotImplementedError("only decoder_distribution IsotropicGaussian (the default) is implemented")
+        self.sparse = not self.disable_sparsity  # read by fit.json
+        self.mean_field = False
+        enc_in = n_genes + (n_covariates if self.inject_enc else 0)
+        dec_in = latent + (n_covariates if self.inject_dec else 0)
+        self.encoder_x = GaussianEncoder(enc_in + latent, hidden_x, latent, _positive_int(cfg, "n_layers_encoder_x", 2))
+        e_in = n_perts if self.disable_sparsity else latent + n_perts
+        self.encoder_e = GaussianEncoder(e_in, hidden_x, latent, _positive_int(cfg, "n_layers_encoder_e", 2))
+        self.m_logits = nn.Parameter(-torch.ones(n_perts, latent))
+        self.decoder = MLP(dec_in, hidden_x, n_genes, _positive_int(cfg, "n_layers_decoder", 3),
+                           None if dropout is None else float(dropout))
+        counts = torch.zeros(n_perts) if perturbation_counts is None else torch.as_tensor(perturbation_counts).float()
+        self.register_buffer("perturbation_counts", counts)  # a buffer, as upstream's perturbations_all_sum
+
+    def _mask(self) -> torch.Tensor:
+        if self.disable_sparsity:
+            return torch.ones_like(self.m_logits)
+        return straight_through_relaxed_bernoulli(self.m_logits)
+
+    def _run(self, x, pert, cov, inference: bool) -> dict[str, torch.Tensor]:
+        b = x.shape[0]
+        m = self._mask()
+        cell, k = torch.nonzero(pert, as_tuple=True)  # (cell, perturbation) pairs, cell-major as upstream
+        z_p = torch.zeros(b, self.latent_dim, dtype=x.dtype, device=x.device)
+        out: dict[str, torch.Tensor] = {"m": m, "cell": cell, "k": k}
+        if cell.numel():
+            m_t, p_t = m[k], pert[cell]
+            e_mu, e_log_var = self.encoder_e(p_t if self.disable_sparsity else torch.cat([m_t, p_t], dim=1))
+            std = torch.exp(0.5 * e_log_var).clamp(min=1e-8)
+            e_t = e_mu if self.disable_e_dist else e_mu + std * torch.randn_like(std)
+            z_p = z_p.index_add(0, cell, m_t * e_t)
+            out.update(e_mu=e_mu, e_log_var=e_log_var, e_t=e_t)
+        x_in = torch.cat([x, cov], dim=1) if self.inject_enc else x
+        z_mu, z_log_var = self.encoder_x(torch.cat([x_in, z_p], dim=1))
+        std = torch.exp(0.5 * z_log_var).clamp(min=1e-8)
+        z_basal = torch.randn_like(z_mu) if inference else z_mu + std * torch.randn_like(std)
+        z = z_basal + z_p
+        if self.inject_dec:
+            z = torch.cat([z, cov], dim=1)
+        h = self.decoder(z)
+        out.update(x_hat=F.softplus(h) if self.softplus_output else h, z_mu=z_mu, z_log_var=z_log_var, z_basal=z_basal)
+        return out
+
+    def loss_terms(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = self._run(x, pert, cov, inference=False)
+        b = x.shape[0]
+        recon = (x - o["x_hat"]).pow(2).sum(dim=1).mean()
+        z = o["z_basal"]
+        kl_z = (_normal_log_prob(z, o["z_mu"], o["z_log_var"]) - _normal_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))).sum(1)
+        kl_e = torch.zeros(b, dtype=x.dtype, device=x.device)
+        if not self.disable_e_dist:
+            if "e_t" in o:
+                e = o["e_t"]
+                per_pair = (_normal_log_prob(e, o["e_mu"], o["e_log_var"])
+                            - _normal_log_prob(e, torch.zeros_like(e), torch.zeros_like(e))).sum(1)
+                kl_e = kl_e.index_add(0, o["cell"], per_pair)
+            weight = 1.0 / (pert @ self.perturbation_counts)
+            kl_e = kl_e * torch.where(torch.isinf(weight), torch.zeros_like(weight), weight)
+        terms = {"recon": recon, "kl_z": kl_z.mean(), "kl_e": kl_e.mean()}
+        if not self.disable_sparsity:
+            m, logits = o["m"], self.m_logits
+            log_q = m * F.logsigmoid(logits) + (1 - m) * F.logsigmoid(-logits)  # Bernoulli(sigmoid(logits)).log_prob(m)
+            log_p = m * math.log(self.mask_prior) + (1 - m) * math.log1p(-self.mask_prior)
+            share = pert.sum(dim=0) / self.perturbation_counts
+            terms["kl_m"] = ((log_q - log_p).sum(dim=1) * share).sum() / b
+        terms["loss"] = sum(terms.values())
+        terms["x_hat"] = o["x_hat"]
+        return terms
+
+    def forward(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """``predict``: control cells ``x`` with the condition's perturbation vector; the basal state from the
+        prior with ``generative_counterfactual``, else from the encoder."""
+        return self._run(x, pert, cov, inference=self.generative_counterfactual)["x_hat"]
+
+
 # --------------------------------------------------------------------------- cells
 
 
@@ -296,6 +438,13 @@ class SAMSVAE(_PerturBenchModel):
 
     NET = SAMSVAENet
     KIND = "sams_vae"
+    _pert_counts: torch.Tensor | None = None
+
+    def build_net(self, n_genes: int, n_perts: int, n_covariates: int, params: Mapping[str, Any]) -> nn.Module:
+        cfg = params.get("model", {})
+        if model_release(cfg) == "neurips2025":
+            return SAMSVAE2025Net(n_genes, n_perts, n_covariates, cfg, self._pert_counts)
+        return SAMSVAENet(n_genes, n_perts, n_covariates, cfg)
 
     @staticmethod
     def _add_controls(params: Mapping[str, Any]) -> bool:
@@ -306,6 +455,7 @@ class SAMSVAE(_PerturBenchModel):
         perturbed_mask = ~train.obs[IS_CONTROL].to_numpy(dtype=bool)
         encoder = InputEncoder.fit(train.obs[perturbed_mask], params.get("covariates") or [], control_label)
         data = _Cells(train, encoder, add_controls)
+        self._pert_counts = data.pert.sum(dim=0)  # upstream's context['perturbation_counts'] (train cells)
         val_data = _Cells(val, encoder, add_controls) if val is not None and val.n_obs else None
         return encoder, data, val_data if val_data is not None and len(val_data) else None
 
@@ -316,7 +466,12 @@ class SAMSVAE(_PerturBenchModel):
         return net.loss_terms(x, pert, cov)["loss"]
 
     def _fit_info(self, net: nn.Module, params) -> dict[str, Any]:
-        return {"variant": "SAMS-VAE (S)" if net.sparse else "SAMS-VAE", "sparse_additive_mechanism": net.sparse,
+        release = model_release(params.get("model", {}))
+        if release == "neurips2025":
+            variant = "sams_modified" if net.disable_sparsity and net.disable_e_dist else "sams"
+        else:
+            variant = "SAMS-VAE (S)" if net.sparse else "SAMS-VAE"
+        return {"release": release, "variant": variant, "sparse_additive_mechanism": net.sparse,
                 "mean_field_encoding": net.mean_field, "train_cells_include_controls": not self._add_controls(params)}
 
     # sample(): inherited -- n_cells sampled control cells per condition, each run through forward()
