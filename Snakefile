@@ -42,3 +42,35 @@ localrules:
 rule all:
     input:
         all_targets(),
+
+
+# Paths with a dataset, model or table the config does not know: these rules match nothing else, and their
+# input function stops the run naming the unknown key and the configured ones.
+rule unknown_dataset:
+    input:
+        unknown_target,
+    output:
+        "results/{unknown_dataset}/{rest}",
+    wildcard_constraints:
+        unknown_dataset=unknown_constraint([*DATASETS, "tables", "esm2"]),
+        rest=".+",
+
+
+rule unknown_model:
+    input:
+        unknown_target,
+    output:
+        "results/{dataset}/{unknown_model}/{rest}",
+    wildcard_constraints:
+        unknown_model=unknown_constraint(MODELS),
+        rest=".+",
+
+
+rule unknown_table:
+    input:
+        unknown_target,
+    output:
+        "results/tables/{unknown_table}.{ext}",
+    wildcard_constraints:
+        unknown_table=unknown_constraint([*TABLES, "scfate_table1"]),
+        ext="csv|md",

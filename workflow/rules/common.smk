@@ -116,6 +116,26 @@ def embedding_resource(key):
     return resource
 
 
+def unknown_target(wildcards):
+    """Input function of the unknown_* rules: they match only paths whose dataset, model or table is not
+    configured, and this raises while the DAG is built, naming the unknown key and the configured ones (instead
+    of Snakemake's generic "No rule to produce"). Works the same with or without --profile."""
+    from perturb_repro.targets import target_problems
+
+    if "unknown_table" in wildcards.keys():
+        path = f"results/tables/{wildcards.unknown_table}.{wildcards.ext}"
+    else:
+        path = "results/" + "/".join(wildcards)
+    models_of = {d: list(config["datasets"][d].get("models", [])) for d in DATASETS}
+    problems = target_problems([path], DATASETS, MODELS, models_of, TABLES)
+    raise ValueError("; ".join(problems) or f"target {path}: not produced by any rule")
+
+
+def unknown_constraint(known):
+    """A wildcard pattern matching one path component that is none of ``known``."""
+    return r"(?!(?:" + "|".join(re.escape(k) for k in known) + r")(?:/|$))[^/]+" if known else r"[^/]+"
+
+
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NONE",
     embedding="|".join(re.escape(e) for e in gene_embeddings()) or "NONE",

@@ -18,7 +18,8 @@ import pandas as pd
 
 from .data.pca import PCABasis, dense, fit_pca
 from .data.preprocess import SPLIT, preprocess, summary
-from .data.source import CONDITION, IS_CONTROL, load_source
+from .data.checks import check_split
+from .data.source import CONDITION, IS_CONTROL, load_source, source_gene_count
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
 from .io import atomic_path, write_csv, write_h5ad, write_text
@@ -43,6 +44,7 @@ def split_step(raw: str, dataset_cfg: Mapping[str, Any], out_csv: str) -> None:
     recipe = params.pop("recipe")
     pairs = condition_pairs(adata.obs, list(dataset_cfg.get("group_by") or []))
     table = make_split(pairs, dataset_cfg["control_label"], recipe, **params)
+    check_split(table, adata.obs, dataset_cfg, raw, source_gene_count(raw, dataset_cfg))  # before any output
     write_csv(table, out_csv, index=False)
 
 

@@ -41,6 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import PipelineInputError
+from .checks import ValueScan
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +154,16 @@ def read_backed_chunked(path: str | Path, dataset_cfg: Mapping[str, Any], obs_on
         columns = _panel_columns(names, panel, source, str(source_cfg["gene_panel"]))
         counts_blocks, x_blocks, libraries = [], [], []
         n_chunks = 0
+        # every gene of the selected cells feeds the library size: the whole window is checked, in this pass
+        scan, cell_names = ValueScan(source, "X", list(backed.var_names.astype(str))), backed.obs_names.to_numpy()
         for lo in range(0, backed.n_obs, chunk_size):
             hi = min(lo + chunk_size, backed.n_obs)
             rows = np.flatnonzero(mask[lo:hi])
             if rows.size == 0:
                 continue
-            counts, logn, library = _normalise_block(_read_block(backed.X, lo, hi), rows, columns, target_sum)
+            block = _read_block(backed.X, lo, hi)
+            scan.update(block[rows], cell_names[lo + rows])
+            counts, logn, library = _normalise_block(block, rows, columns, target_sum)
             counts_blocks.append(counts)
             x_blocks.append(logn)
             libraries.append(library)
@@ -168,12 +173,12 @@ def read_backed_chunked(path: str | Path, dataset_cfg: Mapping[str, Any], obs_on
         backed.file.close()
     if not counts_blocks:
         raise PipelineInputError(source, "obs_filter", "no cells selected")
+    scan.check("counts", f"datasets.{dataset_cfg.get('name', '<dataset>')}.source.reader: backed_chunked",
+               "this reader normalises raw counts itself; a log-normalised file needs the memory reader")
     obs["library_size"] = np.concatenate(libraries)
     var.index = pd.Index(panel)
     out = ad.AnnData(X=sp.vstack(x_blocks, format="csr"), obs=obs, var=var)
     out.layers["counts"] = sp.vstack(counts_blocks, format="csr")
-    if np.any(out.layers["counts"].data < 0) or not np.allclose(out.layers["counts"].data, np.round(out.layers["counts"].data)):
-        logger.warning("%s: X does not look like raw counts (negative or non-integer values)", source)
     logger.info("%s: %d of %d cells x %d panel genes read in %d chunk(s) of <= %d rows",
                 source, out.n_obs, len(mask), out.n_vars, n_chunks, chunk_size)
     return out

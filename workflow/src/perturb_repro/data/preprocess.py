@@ -199,13 +199,20 @@ def preprocess(
     if prep.get("normalize", False):
         log_normalise(adata, float(prep.get("target_sum", 1e4)))
     targets = unique_genes(adata.obs[CONDITION].unique(), dataset_cfg["control_label"])
-    if prep.get("gene_selection", "hvg") == "perturbench":
-        genes = select_genes_perturbench(
-            adata, dataset_cfg["control_label"], group_by, prep.get("n_top_genes") or 0,
-            int(prep.get("n_degs", 25)), targets, int(prep.get("min_cells", 10)), prep.get("hvg_flavor", "seurat_v3"),
-        )
-    else:
-        genes = select_hvgs(adata, prep.get("n_top_genes"), prep.get("hvg_flavor", "seurat_v3"), targets)
+    try:
+        if prep.get("gene_selection", "hvg") == "perturbench":
+            genes = select_genes_perturbench(
+                adata, dataset_cfg["control_label"], group_by, prep.get("n_top_genes") or 0,
+                int(prep.get("n_degs", 25)), targets, int(prep.get("min_cells", 10)), prep.get("hvg_flavor", "seurat_v3"),
+            )
+        else:
+            genes = select_hvgs(adata, prep.get("n_top_genes"), prep.get("hvg_flavor", "seurat_v3"), targets)
+    except PipelineInputError:
+        raise
+    except ValueError as err:  # scikit-misc's loess ("near singularities") and scanpy's binning, with no key named
+        from .checks import hvg_failure
+
+        raise hvg_failure(err, dataset_cfg, int((adata.obs[SPLIT] == "train").sum()), adata.n_vars) from err
     # a fixed panel keeps every gene in order: no copy of X / layers (a copy doubles the peak at CD4 size)
     out = adata if genes == list(adata.var_names) else adata[:, genes].copy()
     covariates = list(dict.fromkeys([*dataset_cfg.get("covariates", []), *group_by]))

@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 
 from ..errors import PipelineInputError
+from .checks import check_expression, check_labels
 
 CONDITION = "condition"
 IS_CONTROL = "is_control"
@@ -35,6 +36,20 @@ def verify_sha256(path: str | Path, expected: str | None) -> str:
     return actual
 
 
+def source_gene_count(path: str | Path, dataset_cfg: Mapping[str, Any]) -> int:
+    """Genes the preprocessing step will see: the gene panel of the chunked reader, else the file's X columns
+    (read from the HDF5 shape, without loading obs, var or X)."""
+    if dataset_cfg["source"].get("reader", "memory") == "backed_chunked":
+        from .cd4 import read_gene_panel
+
+        return len(read_gene_panel(dataset_cfg["source"]["gene_panel"]))
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        x = handle["X"]
+        return int(x.attrs["shape"][1] if isinstance(x, h5py.Group) else x.shape[1])
+
+
 def load_source(
     path: str | Path, dataset_cfg: Mapping[str, Any], verify: bool = True, obs_only: bool = False
 ) -> ad.AnnData:
@@ -47,6 +62,10 @@ def load_source(
         verify: Check the sha256 first (the download rule already did for fetched files).
         obs_only: Only obs is needed (the split step): X is not read (the returned AnnData has
             no genes).
+
+    Every cell must have a condition label; when X is read its values are checked (finite, non-negative, raw
+    counts or log-normalised as ``preprocess.normalize`` says: :func:`perturb_repro.data.checks.check_expression`)
+    on the selected cells, so a spoiled file stops here naming the field, the count and the first (cell, gene).
 
     With ``source.reader: backed_chunked`` (very large files) the file is read in row chunks
     restricted to ``source.gene_panel``: see :func:`perturb_repro.data.cd4.read_backed_chunked`.
@@ -80,6 +99,7 @@ def load_source(
         raise PipelineInputError(
             path, f"obs['{pert_col}']", f"perturbation column missing; obs has {list(adata.obs.columns)}"
         )
+    check_labels(adata.obs[pert_col], str(path), pert_col)
     labels = adata.obs[pert_col].astype(str)
     if not (labels == control).any():
         seen = sorted(labels.unique())[:8]
@@ -95,6 +115,8 @@ def load_source(
     adata.obs[CONDITION] = labels.values
     adata.obs[IS_CONTROL] = (labels == control).values
     adata.var_names_make_unique()
+    if not obs_only and not chunked:  # the chunked reader checks each window as it reads it
+        check_expression(adata, str(path), dataset_cfg)
     if adata.X is not None and not np.issubdtype(adata.X.dtype, np.floating):
         adata.X = adata.X.astype(np.float32)
     return adata
