@@ -52,7 +52,7 @@ rule unknown_dataset:
     output:
         "results/{unknown_dataset}/{rest}",
     wildcard_constraints:
-        unknown_dataset=unknown_constraint([*DATASETS, "tables", "esm2"]),
+        unknown_dataset=unknown_constraint([*DATASETS, *NON_DATASET_DIRS]),
         rest=".+",
 
 
@@ -62,7 +62,7 @@ rule unknown_model:
     output:
         "results/{dataset}/{unknown_model}/{rest}",
     wildcard_constraints:
-        unknown_model=unknown_constraint(MODELS),
+        unknown_model=unknown_constraint([*MODELS, *NON_MODEL_DIRS]),
         rest=".+",
 
 

@@ -88,7 +88,8 @@ def test_norman_target_plans_exactly_its_chain(scratch):
     assert result.returncode == 0, result.stderr[-2000:]
     rules = set(re.findall(r"^rule (\w+):", result.stdout, flags=re.M))
     assert rules == {
-        "download_source", "download_sequences", "split_conditions", "preprocess_dataset", "fit_pca",
+        # the card's embedding: cellflow-tools' Ensembl canonical sequences, not the UniProt FASTA
+        "download_source", "fetch_ensembl_canonical", "split_conditions", "preprocess_dataset", "fit_pca",
         "extract_test_truth", "embed_genes", "train_model", "sample_model", "score_celleval",
     }
     assert "norman_demo" not in result.stdout

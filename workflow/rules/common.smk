@@ -7,6 +7,7 @@ from snakemake.utils import validate
 
 from perturb_repro.config import model_params, run_pairs
 from perturb_repro.models.base import MODEL_EXTRA_SOURCES, MODEL_REGISTRY
+from perturb_repro.targets import NON_DATASET_DIRS, NON_MODEL_DIRS
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -133,7 +134,8 @@ def unknown_target(wildcards):
 
 def unknown_constraint(known):
     """A wildcard pattern matching one path component that is none of ``known``."""
-    return r"(?!(?:" + "|".join(re.escape(k) for k in known) + r")(?:/|$))[^/]+" if known else r"[^/]+"
+    # a known name ends at a slash, at a dot (results/tables/<table>.csv) or at the end of the path
+    return r"(?!(?:" + "|".join(re.escape(k) for k in known) + r")(?:[/.]|$))[^/]+" if known else r"[^/]+"
 
 
 wildcard_constraints:

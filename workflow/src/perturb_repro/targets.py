@@ -14,6 +14,8 @@ from typing import Iterable, Mapping, Sequence
 
 # results/<name>/... entries that are not datasets
 NON_DATASET_DIRS = {"tables", "esm2"}
+# results/<dataset>/<name>/... entries that are not models
+NON_MODEL_DIRS = {"embeddings"}
 EXTRA_TABLES = {"scfate_table1"}  # built by the audit rule, not a key of `tables`
 
 
@@ -64,10 +66,10 @@ def target_problems(
             continue
         if len(parts) >= 4:
             model = parts[2]
-            if model not in models:
+            if model not in models and model not in NON_MODEL_DIRS:
                 problems.append(f"target {rel}: unknown model '{model}' (config keys models and "
                                 f"datasets.{head}.models); configured for '{head}': {sorted(models_of.get(head, ()))}")
     return problems
 
 
-__all__ = ["target_problems"]
+__all__ = ["NON_DATASET_DIRS", "NON_MODEL_DIRS", "target_problems"]
