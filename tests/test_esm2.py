@@ -14,17 +14,12 @@ from perturb_repro.embed.esm2 import (
     genes_of_conditions,
     load_embeddings,
     read_fasta,
-    read_metadata,
     run_esm2,
     write_embeddings,
 )
-from perturb_repro.embed.tiny_esm import (
-    ESM2_VOCAB,
-    PLACEHOLDER_DESCRIPTION,
-    build_tiny_esm2,
-    placeholder_sequence,
-    write_placeholder_fasta,
-)
+from perturb_repro.embed.esm2 import read_metadata  # provenance keys (pooling, gene_scope)
+from perturb_repro.embed.tiny_esm import ESM2_VOCAB, PLACEHOLDER_DESCRIPTION, build_tiny_esm2, placeholder_sequence
+from perturb_repro.embed.tiny_esm import write_placeholder_fasta
 from perturb_repro.errors import PipelineInputError
 from transformers import AutoTokenizer, EsmModel
 from transformers.models.esm.configuration_esm import get_default_vocab_list
