@@ -14,17 +14,12 @@ from perturb_repro.embed.esm2 import (
     genes_of_conditions,
     load_embeddings,
     read_fasta,
-    read_metadata,
     run_esm2,
     write_embeddings,
 )
-from perturb_repro.embed.tiny_esm import (
-    ESM2_VOCAB,
-    PLACEHOLDER_DESCRIPTION,
-    build_tiny_esm2,
-    placeholder_sequence,
-    write_placeholder_fasta,
-)
+from perturb_repro.embed.esm2 import read_metadata  # provenance keys (pooling, gene_scope)
+from perturb_repro.embed.tiny_esm import ESM2_VOCAB, PLACEHOLDER_DESCRIPTION, build_tiny_esm2, placeholder_sequence
+from perturb_repro.embed.tiny_esm import write_placeholder_fasta
 from perturb_repro.errors import PipelineInputError
 from transformers import AutoTokenizer, EsmModel
 from transformers.models.esm.configuration_esm import get_default_vocab_list
@@ -356,3 +351,36 @@ def test_demo_models_condition_on_gene_identity_that_tells_genes_apart(tmp_path:
     mean_cos, max_cos = mean_pairwise_cosine(tiny, "control")
     assert mean_cos > 0.5 and max_cos > 0.9
     assert mean_pairwise_cosine(emb, "control") == (0.0, 0.0)
+
+
+# ---------------------------------------------------------------- the DAG: one embedding file per (dataset, embedding)
+
+
+def test_paper_config_gives_each_model_entry_its_own_esm2(tmp_path: Path) -> None:
+    """CellFlow-Norman twice (the card's embedding, the correct one), both on the card's t6_8M; scGPT+ESM on
+    ESM2-15B over every FASTA gene; each a file keyed by its embedding name."""
+    import re
+
+    import yaml
+    from workflow_helpers import copy_repo, snakemake
+
+    scratch = copy_repo(tmp_path)
+    targets = [f"results/{d}/{m}/checkpoint" for d, m in
+               (("norman", "cellflow"), ("norman", "cellflow_fixed_esm2"), ("replogle", "scgpt_replogle_esm"))]
+    result = snakemake(scratch, "-n", "-p", *targets, "--configfile", "config/config.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    inputs = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", result.stdout, flags=re.M):
+        out = re.search(r"^\s+output: (.*)$", block, flags=re.M)
+        got = re.search(r"^\s+input: (.*)$", block, flags=re.M)
+        if out and got:
+            inputs[out.group(1).split(",")[0].strip()] = [p.strip() for p in got.group(1).split(",")]
+    assert "results/norman/embeddings/esm2_t6_8M_UR50D_cellflow_card.npz" in inputs["results/norman/cellflow/checkpoint"]
+    assert "results/norman/embeddings/esm2_t6_8M_UR50D.npz" in inputs["results/norman/cellflow_fixed_esm2/checkpoint"]
+    assert "results/replogle/embeddings/esm2_t48_15B_UR50D.npz" in inputs["results/replogle/scgpt_replogle_esm/checkpoint"]
+    # the card's embedding reads the Ensembl canonical proteins, the correct one UniProt
+    assert "results/norman/embeddings/ensembl_canonical_proteins.fasta" in inputs[
+        "results/norman/embeddings/esm2_t6_8M_UR50D_cellflow_card.npz"]
+    assert "resources/raw/esm2/uniprot_human_reviewed.fasta" in inputs["results/norman/embeddings/esm2_t6_8M_UR50D.npz"]
+    spec = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["esm2"]["embeddings"]["esm2_t48_15B_UR50D"]
+    assert spec["model"] == "facebook/esm2_t48_15B_UR50D" and spec["genes"] == "all"

@@ -16,6 +16,7 @@ from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import _scgpt_loading as loading
 from perturb_repro.models import scgpt as sg
 from perturb_repro.models import scgpt_training as sg_training
+from perturb_repro.errors import PipelineInputError
 from perturb_repro.models.base import ModelContext
 from perturb_repro.training import Preempted
 import perturb_repro.trainer as trainer_mod
@@ -515,3 +516,46 @@ def test_fit_counts_the_configured_cells_per_epoch(tmp_path, small, context):
     sg.ScGPTModel().fit(train, val, context, params, tmp_path)
     stats = json.loads((tmp_path / sg.STATS_FILE).read_text())
     assert stats["cells_seen"] == 2 * 40 and stats["steps_per_epoch"] == 3 and stats["steps"] == 6
+
+
+def _two_lines():
+    import anndata as ad
+
+    lines = np.array(["k562"] * 6 + ["hepg2"] * 6)
+    control = np.array([True, True, False, False, False, False] * 2)
+    obs = pd.DataFrame({"cell_line": lines, "condition": np.where(control, "control", "G1"), "is_control": control},
+                       index=[f"c{i}" for i in range(12)])
+    return ad.AnnData(np.arange(12 * 3, dtype=np.float32).reshape(12, 3), obs=obs)
+
+
+def test_controls_are_paired_within_the_cells_own_line():
+    """The Replogle card's loader pairs each perturbed cell with a control of its own cell line."""
+    adata = _two_lines()
+    lines = adata.obs["cell_line"].to_numpy()
+    for seed in range(5):
+        source, target = sg.train_pairs(adata, seed, ["cell_line"])
+        assert np.array_equal(target, np.arange(12)) and np.array_equal(lines[source], lines)
+        assert adata.obs["is_control"].to_numpy()[source].all()
+    assert model_params({"type": "scgpt", "preset": "paper_replogle"})["data"]["pair_controls_within"] == ["cell_line"]
+    # without it any control may be drawn (GEARS; Norman has one line): across 5 seeds some pair crosses lines
+    crossed = [np.any(lines[sg.train_pairs(adata, s)[0]] != lines) for s in range(5)]
+    assert any(crossed)
+    bad = adata[~((adata.obs["cell_line"] == "hepg2") & adata.obs["is_control"])].copy()
+    with pytest.raises(PipelineInputError, match="hepg2"):
+        sg.train_pairs(bad, 0, ["cell_line"])
+    with pytest.raises(PipelineInputError, match="pair_controls_within"):
+        sg.train_pairs(adata, 0, ["donor"])
+
+
+def test_one_group_pairing_within_equals_pairing_across(tmp_path, small, context):
+    """On a one-line dataset pairing within the line is GEARS' pairing: the same pairs, validation and weights."""
+    train, val = small
+    plain = _params(max_epochs=1)
+    within = deep_merge(plain, {"data": {"pair_controls_within": ["cell_type"]}})
+    assert np.array_equal(sg.train_pairs(train, 3)[0], sg.train_pairs(train, 3, ["cell_type"])[0])
+    sg.ScGPTModel().fit(train, val, context, plain, tmp_path / "a")
+    sg.ScGPTModel().fit(train, val, context, within, tmp_path / "b")
+    logs = [pd.read_csv(tmp_path / d / sg.EPOCH_LOG) for d in "ab"]
+    assert logs[0]["val_pearson_delta"].tolist() == logs[1]["val_pearson_delta"].tolist()
+    a, b = _weights(tmp_path / "a" / sg.BEST_FILE), _weights(tmp_path / "b" / sg.BEST_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -80,6 +80,7 @@ from .scgpt_training import (  # noqa: F401 (re-exported: the model's public pie
     _write_epoch_log,
     epoch_batches,
     gene_subset,
+    group_keys,
     pearson,
     precision_of,
     predict_cells,
@@ -247,13 +248,17 @@ class ScGPTModel:
                           log_file=LOG_FILE)
 
         x_train = _matrix(train)
-        source, target = train_pairs(train, seed)
+        within = list(params.get("data", {}).get("pair_controls_within") or [])
+        source, target = train_pairs(train, seed, within)
         conditions = train.obs[CONDITION].astype(str).to_numpy()
         cond_tokens = {c: space.tokens(c) for c in np.unique(conditions)}
         n_extra = max((len(t.extra_ids) for t in cond_tokens.values()), default=0)
         cap = max(int(params.get("data", {}).get("max_seq_len", 1536)) - n_extra, 1)
         controls = np.flatnonzero(train.obs[IS_CONTROL].to_numpy(dtype=bool))
         control_x = _rows(x_train, controls)
+        if within:  # validation predicts each (condition, group) from its own group's train controls
+            keys = group_keys(train, within, "train")[controls]
+            control_x = {k: control_x[keys == k] for k in sorted(set(keys))}
         has_val = val is not None and val.n_obs > 0 and (val.obs[CONDITION].astype(str) != context.control_label).any()
 
         # The ClsDecoder is not part of the perturbation loss: it never gets a gradient (Adam leaves it as it is,

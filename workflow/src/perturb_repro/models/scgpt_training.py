@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,16 +110,39 @@ def _matrix(adata: ad.AnnData):
 
 
 
-def train_pairs(train: ad.AnnData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def group_keys(adata: ad.AnnData, columns: Sequence[str], source: str = "obs") -> np.ndarray:
+    """One string per cell naming its group (the values of ``columns`` joined); all "" without columns."""
+    if not columns:
+        return np.full(adata.n_obs, "", dtype=object)
+    missing = [c for c in columns if c not in adata.obs]
+    if missing:
+        raise PipelineInputError(source, "data.pair_controls_within", f"obs has no column(s) {missing}")
+    parts = [adata.obs[c].astype(str).to_numpy() for c in columns]
+    return np.array(["\x1f".join(v) for v in zip(*parts)], dtype=object)
+
+
+def train_pairs(train: ad.AnnData, seed: int, within: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(control row, target row) per training cell, drawn once as GEARS builds its dataset: each
-    perturbed cell with one random control cell, each control cell with itself."""
+    perturbed cell with one random control cell, each control cell with itself. ``within`` (obs columns,
+    e.g. cell_line): the control comes from the perturbed cell's own group, as the Replogle card's loader
+    pairs each cell with a control of its own line."""
     is_control = train.obs[IS_CONTROL].to_numpy(dtype=bool)
     controls = np.flatnonzero(is_control)
     if controls.size == 0:
         raise PipelineInputError("train", IS_CONTROL, "scGPT needs control cells in the train split")
     rng = np.random.default_rng(_mix(seed, 0x9A1))
     source = np.arange(train.n_obs)
-    source[~is_control] = controls[rng.integers(0, controls.size, size=int((~is_control).sum()))]
+    if not within:
+        source[~is_control] = controls[rng.integers(0, controls.size, size=int((~is_control).sum()))]
+        return source, np.arange(train.n_obs)
+    keys = group_keys(train, within, "train")
+    perturbed = np.flatnonzero(~is_control)
+    for key in sorted(set(keys[perturbed])):
+        pool = controls[keys[controls] == key]
+        if pool.size == 0:
+            raise PipelineInputError("train", "data.pair_controls_within", f"group {key!r} has no train control cells")
+        rows = perturbed[keys[perturbed] == key]
+        source[rows] = pool[rng.integers(0, pool.size, size=rows.size)]
     return source, np.arange(train.n_obs)
 
 
@@ -197,25 +220,34 @@ def predict_cells(
 
 
 def validate(
-    net, space: GeneSpace, val: ad.AnnData, x_val, control_x: np.ndarray, params: Mapping[str, Any],
+    net, space: GeneSpace, val: ad.AnnData, x_val, control_x, params: Mapping[str, Any],
     device: torch.device, amp: bool | str, seed: int, epoch: int, pad_value: float,
 ) -> dict[str, float]:
     """scGPT's validation: each val cell's condition predicted from a random train control cell;
-    pearson_delta and mse of the per-condition mean profiles (deltas against the control mean)."""
+    pearson_delta and mse of the per-condition mean profiles (deltas against the control mean).
+    ``control_x``: the train controls, or group key -> that group's train controls (``data.pair_controls_within``),
+    so a (condition, group) is predicted from and compared with its own group's controls."""
     training = params["training"]
     cap = training.get("val_max_cells_per_condition")
     rng = np.random.default_rng(_mix(seed, 0x7A1, epoch))
-    control_mean = control_x.mean(axis=0, dtype=np.float64)
+    by_group = control_x if isinstance(control_x, Mapping) else {"": control_x}
+    within = params.get("data", {}).get("pair_controls_within") or () if isinstance(control_x, Mapping) else ()
+    keys = group_keys(val, within, "val")
+    means = {k: v.mean(axis=0, dtype=np.float64) for k, v in by_group.items()}
+    frame = val.obs[[CONDITION]].assign(_group=keys)
     scores, errors = [], []
-    for condition, idx in sorted(val.obs.groupby(CONDITION, observed=True).indices.items()):
+    for (condition, key), idx in sorted(frame.groupby([CONDITION, "_group"], observed=True).indices.items()):
         if condition == space.control_label:
             continue
+        if key not in by_group:
+            raise PipelineInputError("val", "data.pair_controls_within", f"group {key!r} has no train control cells")
+        pool = by_group[key]
         n = len(idx) if cap is None else min(len(idx), int(cap))
-        pick = rng.integers(0, len(control_x), size=n)
-        pred = predict_cells(net, space, control_x[pick], str(condition), int(training["eval_batch_size"]), device, amp, pad_value)
+        pick = rng.integers(0, len(pool), size=n)
+        pred = predict_cells(net, space, pool[pick], str(condition), int(training["eval_batch_size"]), device, amp, pad_value)
         truth_mean = _rows(x_val, idx).mean(axis=0, dtype=np.float64)
         pred_mean = pred.mean(axis=0, dtype=np.float64)
-        scores.append(pearson(pred_mean - control_mean, truth_mean - control_mean))
+        scores.append(pearson(pred_mean - means[key], truth_mean - means[key]))
         errors.append(float(np.mean((pred_mean - truth_mean) ** 2)))
     finite = [s for s in scores if not math.isnan(s)]
     return {
