@@ -19,7 +19,8 @@ import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 
 MODELS = {"cpa": CPA, "biolord": Biolord}
-VARIANTS = [("cpa", "tiny"), ("cpa", "tiny_noadv"), ("biolord", "tiny")]
+VARIANTS = [("cpa", "tiny"), ("cpa", "tiny_noadv"), ("cpa", "tiny_neurips2025"), ("cpa", "tiny_noadv_neurips2025"),
+            ("biolord", "tiny")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +49,10 @@ def _expected_cpa(g, p, covs, m, with_unused_adversary=False):
     h, z, n = m["hidden_dim"], m["n_latent"], m["n_layers_encoder"]
     ah, an = m["adv_classifier_hidden_dim"], m["adv_classifier_n_layers"]
     total = _vae_body(g, h, n) + 2 * _lin(h, z)          # encoder, mean and log-variance heads
-    total += _vae_body(z, h, n) + 2 * _lin(h, g)         # decoder, mean and log-variance heads
+    if m.get("release") == "neurips2025":
+        total += _mlp(z, h, g, n)                        # DeepIsotropicGaussian: an MLP to the mean
+    else:
+        total += _vae_body(z, h, n) + 2 * _lin(h, g)     # decoder, mean and log-variance heads
     total += _mlp(p, h, z, m["n_layers_pert_emb"])       # perturbation embedding
     adversary = m["use_adversary"] or with_unused_adversary
     if adversary:
@@ -68,7 +72,10 @@ def _expected_biolord(g, p, covs, m):
 N_GENES, N_PERTS, COVS = 5045, 105, {"cell_type": 1}
 PAPER = [("cpa", p) for p in ["paper", "paper_noadv", "paper_norman19", "paper_noadv_norman19",
                               "paper_srivatsan20", "paper_noadv_srivatsan20"]]
-PAPER += [("biolord", p) for p in ["paper", "paper_norman19", "paper_srivatsan20"]]
+PAPER += [("cpa", p) for p in ["neurips2025_norman19", "neurips2025_noadv_norman19", "neurips2025_srivatsan20",
+                               "neurips2025_noadv_srivatsan20", "neurips2025_jiang24", "neurips2025_noadv_jiang24"]]
+PAPER += [("biolord", p) for p in ["paper", "paper_norman19", "paper_srivatsan20", "neurips2025_norman19",
+                                   "neurips2025_srivatsan20"]]
 
 
 def _net(kind, preset, covs=COVS, device="meta"):
@@ -278,7 +285,9 @@ def test_add_controls_true_trains_on_perturbed_cells_only(synthetic, tmp_path):
 def test_preempted_run_resumes_bit_identically(kind, preset, synthetic, tmp_path, monkeypatch):
     train, val = synthetic
     # 960 cells / 64 = 15 steps per epoch; adv_steps 2 so the penalty alternates within epochs
-    params = _fit_params(kind, preset, trainer={"max_epochs": 2}, training={"checkpoint_every": 4})
+    # the later release's CPA: no warm-up here, so the resumed epochs alternate generative and adversary steps
+    over = {"model": {"n_warmup_epochs": 0}} if "neurips2025" in preset else {}
+    params = _fit_params(kind, preset, trainer={"max_epochs": 2}, training={"checkpoint_every": 4}, **over)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     MODELS[kind]().fit(train, val, CONTEXT, params, full)
 
@@ -334,3 +343,75 @@ def test_sampling_seed_changes_the_cells(kind, preset, fitted, synthetic):
     a, b, c = draw(7), draw(7), draw(8)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-4
+
+
+
+# --------------------------------------------------------------------------- the later release's CPA (fc13a8c)
+
+
+def _groups(net):
+    adversary = [p for name, p in net.named_parameters() if "adversary" in name]
+    generative = [p for name, p in net.named_parameters() if "adversary" not in name]
+    return generative, adversary
+
+
+def _grads(net, loss):
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    generative, adversary = _groups(net)
+    return [p.grad is not None for p in generative], [p.grad is not None for p in adversary]
+
+
+def test_neurips2025_step_schedule_routes_gradients():
+    """warm-up: recon + KL to the generative modules; then on batch_idx % adv_steps == 0 the generative modules step
+    on recon + kl_weight KL - adv_weight adv (classifiers fixed); on other batches only the classifiers step."""
+    net = _small_cpa("tiny_neurips2025", adv_steps=2, n_warmup_epochs=3, kl_weight=0.7, adv_weight=1.3, dropout=0.0)
+    x, pert, cov = _batch()
+    v = _loss(net, 1, training=False)  # recon, kl, adv of the same z_basal draw
+    net.train()
+    for epoch, idx in [(3, 0), (3, 1)]:  # still warm-up (current_epoch <= n_warmup_epochs)
+        torch.manual_seed(5)
+        loss = net.step_loss(x, pert, cov, idx, epoch)
+        assert np.isclose(float(loss.detach()), v["recon"] + 0.7 * v["kl"], rtol=1e-5)
+        gen, adv = _grads(net, loss)
+        assert any(gen) and not any(adv)
+    torch.manual_seed(5)
+    loss = net.step_loss(x, pert, cov, 2, 4)  # adversarial phase, generative step
+    assert np.isclose(float(loss.detach()), v["recon"] + 0.7 * v["kl"] - 1.3 * v["adv"], rtol=1e-5)
+    gen, adv = _grads(net, loss)
+    assert all(gen[:2]) and not any(adv)  # the encoder is trained against the (fixed) classifiers
+    torch.manual_seed(5)
+    loss = net.step_loss(x, pert, cov, 3, 4)  # adversary step: classifiers only
+    gen, adv = _grads(net, loss)
+    assert all(adv) and not any(gen)
+    assert float(loss.detach()) > 1.3 * v["adv"] - 1e-5  # + penalty_weight * gradient penalty >= 0
+    torch.manual_seed(5)
+    assert np.isclose(float(net.loss(x, pert, cov, 3, training=False)["loss"].detach()), v["recon"] + 0.7 * v["kl"] - 1.3 * v["adv"],
+                      rtol=1e-5)  # val_loss
+
+
+def test_neurips2025_noadv_adversary_steps_update_nothing():
+    net = _small_cpa("tiny_noadv_neurips2025", n_warmup_epochs=0, adv_steps=3)
+    x, pert, cov = _batch()
+    net.train()
+    loss = net.step_loss(x, pert, cov, 1, 0)
+    assert float(loss.detach()) == 0.0 and not any(_grads(net, loss)[0])
+
+
+def test_one_adam_with_missing_gradients_equals_two_adams():
+    """The trainer's single Adam over all parameters, where a step's loss leaves one group without gradient, makes
+    the same updates as upstream's two Adam optimisers (one per group, same lr and weight decay)."""
+    nets = [_small_cpa("tiny_neurips2025", adv_steps=2, n_warmup_epochs=0, dropout=0.0) for _ in range(2)]
+    one = torch.optim.Adam(nets[0].parameters(), lr=1e-2, weight_decay=1e-3)
+    gen, adv = _groups(nets[1])
+    two = [torch.optim.Adam(gen, lr=1e-2, weight_decay=1e-3), torch.optim.Adam(adv, lr=1e-2, weight_decay=1e-3)]
+    x, pert, cov = _batch()
+    for idx in range(5):
+        for k, net in enumerate(nets):
+            net.train()
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(idx)
+            net.step_loss(x, pert, cov, idx, 1).backward()
+            (one if k == 0 else two[0 if idx % 2 == 0 else 1]).step()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -508,3 +508,38 @@ def test_paper_preset_parameter_counts_are_exact(name, capsys):
     with capsys.disabled():
         print(f"\n[primeflow] {name}: {expected:,} parameters expected at {dim} {'genes' if dim == N_GENES else 'PCs'}")
     assert pf.count_parameters(field) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 16.2 / 16.1: which PerturBench release each PRiMeFlow table row runs, recorded beside the transcription
+
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+LATER_RELEASE = {"cpa": "cpa", "cpa_noadv": "cpa", "sams_vae": "sams_vae", "sams_vae_s": "sams_vae", "biolord": "biolord"}
+
+
+def _primeflow_tables():
+    for name, table in CONFIG["tables"].items():
+        if name.startswith("primeflow_table"):
+            spec = yaml.safe_load((REPO / table["spec"]).read_text())
+            yield name, spec, table["datasets"][spec["cells"][0]["dataset"]]
+
+
+@pytest.mark.parametrize("table", [t for t in CONFIG["tables"] if t.startswith("primeflow_table")])
+def test_table_rows_run_the_later_perturbench_release(table):
+    _, spec, dataset = next(t for t in _primeflow_tables() if t[0] == table)
+    notes = " ".join(spec["notes"])
+    rows = {c["model"] for c in spec["cells"]}
+    assert ("biolord" in rows) == (dataset != "jiang24") == ("biolord" in CONFIG["datasets"][dataset]["models"])
+    for model in sorted(rows & set(LATER_RELEASE)):
+        entry = CONFIG["models"][model]
+        params = model_params(entry, dataset=dataset)
+        preset = entry.get("preset_by_dataset", {}).get(dataset, entry["preset"])
+        assert preset.startswith("neurips2025_") and preset in notes, (model, preset)
+        if model != "biolord":  # Biolord's later-release values equal the first release's (same code path)
+            assert params["model"]["release"] == "neurips2025", model
+    s = model_params(CONFIG["models"]["sams_vae_s"], dataset=dataset)["model"]
+    assert s["disable_sparsity"] and s["disable_e_dist"] and s["generative_counterfactual"]  # sams_modified
+    assert not model_params(CONFIG["models"]["sams_vae"], dataset=dataset)["model"]["disable_sparsity"]
+    normalisation = (CONFIG["scoring"].get("perturbench") or {}).get("rank_normalisation", "n_minus_1")
+    assert normalisation == "n_minus_1" and "rank_normalisation: n_minus_1" in notes and "fc13a8c" in notes
+    assert "substitute_prob` is 0" in notes

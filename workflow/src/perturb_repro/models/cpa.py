@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.source import IS_CONTROL
+from ..distributed import current_world
 from . import perturbench_baselines as pb
 
 _HALF_LOG_2PI = math.log(math.sqrt(2 * math.pi))
@@ -145,8 +146,15 @@ CPA_DEFAULTS: dict[str, Any] = {  # CPA.__init__ defaults (modelcore/models/cpa.
     "n_layers_covar_emb": 1, "adv_classifier_hidden_dim": 128, "adv_classifier_n_layers": 2,
     "variational": True, "kl_weight": 1.0, "adv_weight": 1.0, "dropout": 0.1, "penalty_weight": 10.0,
     "adv_steps": 7, "use_adversary": True, "use_covariates": True, "softplus_output": False,
-    "elementwise_affine": False,
+    "elementwise_affine": False, "release": "neurips2024", "n_warmup_epochs": 5,
 }
+RELEASES = ("neurips2024", "neurips2025")
+
+
+def _frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with its parameters held fixed: gradients reach ``x`` only (Lightning's toggle_optimizer
+    for the generative step of the later release's CPA)."""
+    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, (x,))
 
 
 class CPANet(nn.Module):
@@ -155,6 +163,10 @@ class CPANet(nn.Module):
     def __init__(self, n_genes: int, n_perts: int, covariates, cfg: Mapping[str, Any]):
         super().__init__()
         c = {**CPA_DEFAULTS, **{k: v for k, v in dict(cfg).items() if v is not None or k == "dropout"}}
+        self.release = str(c["release"])
+        if self.release not in RELEASES:
+            raise ValueError(f"model.release must be one of {RELEASES}, not {self.release!r}")
+        self.n_warmup_epochs = int(c["n_warmup_epochs"] or 0)
         if str(c["recon_loss"]).lower() != "gauss":
             raise NotImplementedError("only recon_loss 'gauss' is implemented (PerturBench's CPA decodes a Gaussian)")
         self.sizes = covariate_sizes(covariates)
@@ -171,7 +183,10 @@ class CPANet(nn.Module):
         self.embedded = {k: n for k, n in self.sizes.items() if n > 1} if self.use_covariates else {}
         n_layers = int(c["n_layers_encoder"])
         self.encoder = VariationalEncoder(n_genes, hidden, latent, n_layers, dropout)
-        self.decoder = VariationalDecoder(n_genes, hidden, latent, n_layers, dropout)  # as deep as the encoder
+        if self.release == "neurips2025":  # DeepIsotropicGaussian: an MLP to the mean, no variance head
+            self.decoder = pb.MLP(latent, hidden, n_genes, n_layers, dropout)
+        else:
+            self.decoder = VariationalDecoder(n_genes, hidden, latent, n_layers, dropout)  # as deep as the encoder
         self.pert_network = mlp(n_perts, hidden, latent, int(c["n_layers_pert_emb"]), dropout, affine)
         adv_h, adv_n = int(c["adv_classifier_hidden_dim"]), int(c["adv_classifier_n_layers"])
         if self.use_adversary:
@@ -194,42 +209,80 @@ class CPANet(nn.Module):
             z = z + self.covars_embeddings[key](blocks[key])
         return {"z": z, "z_basal": z_basal, "mu": mu, "scale": scale, "covs": blocks}
 
+    def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder mean (softplus'ed when ``softplus_output``) and variance (None: the later release's MSE decoder)."""
+        mean, var = (self.decoder(z), None) if self.release == "neurips2025" else self.decoder(z)
+        return (F.softplus(mean) if self.softplus_output else mean), var
+
     def forward(self, control: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """Counterfactual prediction: the decoder mean for ``control`` cells given ``pert``."""
-        mean, _ = self.decoder(self.inference(control, pert, cov)["z"])
-        return F.softplus(mean) if self.softplus_output else mean
+        return self._decode(self.inference(control, pert, cov)["z"])[0]
+
+    def _adversary(self, inf, pert: torch.Tensor, z_basal: torch.Tensor, penalty: bool, frozen: bool = False):
+        """Classifier cross-entropies on ``z_basal`` and, with ``penalty``, the gradient penalty."""
+        call = _frozen if frozen else (lambda m, x: m(x))
+        logits = {key: call(self.covars_adversary_classifiers[key], z_basal) for key in self.embedded}
+        pert_logits = call(self.perturbation_adversary_classifier, z_basal)
+        adv = sum((_soft_cross_entropy(logits[k], inf["covs"][k]) for k in self.embedded), z_basal.new_zeros(()))
+        adv = adv + _soft_cross_entropy(pert_logits, pert)
+        pen = torch.zeros_like(adv)
+        if penalty:
+            for out in [*logits.values(), pert_logits]:
+                grad = torch.autograd.grad(out.sum(), z_basal, create_graph=True, retain_graph=True, only_inputs=True)[0]
+                pen = pen + grad.pow(2).mean()
+        return adv, pen
+
+    def step_loss(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor, batch_idx: int, epoch: int) -> torch.Tensor:
+        """The later release's manual optimisation (``CPA.training_step``, fc13a8c) as one loss whose gradient
+        reaches exactly the parameters the stepped optimiser holds (the others get no gradient, so Adam skips
+        them -- the same update as upstream's two Adam optimisers with equal lr and weight decay):
+
+        * warm-up (``epoch <= n_warmup_epochs``): ``recon + kl_weight * KL`` -> generative modules;
+        * then, batches with ``batch_idx % adv_steps == 0``: ``recon + kl_weight * KL - adv_weight * adv``
+          -> generative modules (the encoder is trained *against* the classifiers, which stay fixed);
+        * other batches: ``adv_weight * adv + penalty_weight * penalty`` on a detached ``z_basal`` ->
+          classifiers only (with ``use_adversary: false`` that loss is 0 and nothing is updated)."""
+        inf = self.inference(x, pert, cov)
+        warm_up = bool(self.n_warmup_epochs) and epoch <= self.n_warmup_epochs
+        if warm_up or batch_idx % self.adv_steps == 0:
+            mean, _ = self._decode(inf["z"])
+            gen = (x - mean).pow(2).sum(dim=-1).mean() + self.kl_weight * self._kl(inf)
+            if warm_up or not self.use_adversary:
+                return gen
+            return gen - self.adv_weight * self._adversary(inf, pert, inf["z_basal"], penalty=False, frozen=True)[0]
+        if not self.use_adversary:
+            return torch.zeros((), device=x.device, requires_grad=True)
+        z_basal = inf["z_basal"].detach().requires_grad_(True)
+        adv, pen = self._adversary(inf, pert, z_basal, penalty=True)
+        return self.adv_weight * adv + self.penalty_weight * pen
+
+    def _kl(self, inf) -> torch.Tensor:
+        """KL(Normal(mu, scale) || Normal(0, 1)) summed over latents, mean over cells (torch.distributions' form)."""
+        if not self.variational:
+            return torch.zeros((), device=inf["mu"].device)
+        var_ratio = inf["scale"].pow(2)
+        return (0.5 * (var_ratio + inf["mu"].pow(2) - 1 - var_ratio.log())).sum(dim=1).mean()
 
     def loss(self, x: torch.Tensor, pert: torch.Tensor, cov: torch.Tensor, batch_idx: int,
              training: bool, batch_cells: int | None = None) -> dict[str, torch.Tensor]:
         """Every term is a mean over the cells, so ``batch_cells`` (the global batch of a data-parallel
         share) changes nothing."""
         inf = self.inference(x, pert, cov)
-        mean, var = self.decoder(inf["z"])
-        if self.softplus_output:
-            mean = F.softplus(mean)
-        # Normal(mean, sqrt(var)).log_prob(x), summed over genes
-        log_prob = -((x - mean) ** 2) / (2 * var) - var.sqrt().log() - _HALF_LOG_2PI
-        recon = -log_prob.sum(dim=-1).mean()
+        mean, var = self._decode(inf["z"])
+        if var is None:  # the later release: DeepIsotropicGaussian's MSE summed over genes
+            recon = (x - mean).pow(2).sum(dim=-1).mean()
+        else:  # Normal(mean, sqrt(var)).log_prob(x), summed over genes
+            recon = -(-((x - mean) ** 2) / (2 * var) - var.sqrt().log() - _HALF_LOG_2PI).sum(dim=-1).mean()
         zero = torch.zeros_like(recon)
-        if self.variational:  # KL(Normal(mu, scale) || Normal(0, 1)), as torch.distributions computes it
-            var_ratio = inf["scale"].pow(2)
-            kl = (0.5 * (var_ratio + inf["mu"].pow(2) - 1 - var_ratio.log())).sum(dim=1).mean()
+        kl = self._kl(inf)
+        penalise = training and batch_idx % self.adv_steps != 0 and self.release == "neurips2024"
+        adv, penalty = self._adversary(inf, pert, inf["z_basal"], penalise) if self.use_adversary else (zero, zero)
+        if self.release == "neurips2025":  # CPA.loss: total_loss = recon + kl_weight * kl - adv_weight * adv
+            total = recon + self.kl_weight * kl - self.adv_weight * adv
         else:
-            kl = zero
-        adv, penalty = zero, zero
-        if self.use_adversary:
-            z_basal = inf["z_basal"]
-            logits = {key: self.covars_adversary_classifiers[key](z_basal) for key in self.embedded}
-            pert_logits = self.perturbation_adversary_classifier(z_basal)
-            adv = sum((_soft_cross_entropy(logits[k], inf["covs"][k]) for k in self.embedded), zero)
-            adv = adv + _soft_cross_entropy(pert_logits, pert)
-            if training and batch_idx % self.adv_steps != 0:
-                for out in [*logits.values(), pert_logits]:
-                    grad = torch.autograd.grad(out.sum(), z_basal, create_graph=True, retain_graph=True, only_inputs=True)[0]
-                    penalty = penalty + grad.pow(2).mean()
-        total = recon + self.kl_weight * kl + self.adv_weight * adv
-        if training and batch_idx % self.adv_steps != 0:
-            total = total + self.penalty_weight * penalty
+            total = recon + self.kl_weight * kl + self.adv_weight * adv
+            if penalise:
+                total = total + self.penalty_weight * penalty
         return {"loss": total, "recon": recon, "kl": kl, "adv": adv, "penalty": penalty}
 
 
@@ -296,6 +349,17 @@ class CPA(_SelfReconstructionModel):
 
     def build_net(self, n_genes: int, n_perts: int, covariates, params: Mapping[str, Any]) -> nn.Module:
         return CPANet(n_genes, n_perts, covariates, params.get("model", {}))
+
+    def _train_loss(self, net: nn.Module, batch, index_in_epoch: int, batch_cells: int) -> torch.Tensor:
+        if net.release != "neurips2025":
+            return super()._train_loss(net, batch, index_in_epoch, batch_cells)
+        if current_world().size > 1:  # every step leaves a module without gradient, which plain DDP rejects
+            raise NotImplementedError("the later release's CPA (model.release: neurips2025) trains in one process")
+        x, _, pert, cov = batch
+        return net.step_loss(x, pert, cov, index_in_epoch, getattr(net, "current_epoch", 0))
+
+    def _fit_info(self, net: nn.Module, params) -> dict[str, Any]:
+        return {"release": net.release, "use_adversary": net.use_adversary, "n_warmup_epochs": net.n_warmup_epochs}
 
 
 __all__: Sequence[str] = ["CPA", "CPANet", "upstream_parameter_count"]
