@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from perturb_repro.joblog import logged
 from perturb_repro.report.html import build_report
 from perturb_repro.provenance import collect_provenance
@@ -6,7 +8,9 @@ with logged(snakemake):
     inp = snakemake.input
     runs = [
         {
-            "dataset": d, "model": m, "metrics_csv": inp.metrics[i], "per_condition_csv": inp.per_condition[i],
+            "dataset": d, "model": m, "model_type": snakemake.params.model_types[m],
+            "metrics_csv": inp.metrics[i], "per_condition_csv": inp.per_condition[i],
+            "perturbench_csv": inp.perturbench[i], "perturbench_per_condition_csv": inp.perturbench_per_condition[i],
             "predictions": inp.predictions[i], "train_log_csv": f"{inp.checkpoints[i]}/train_log.csv",
             "truth": f"results/{d}/test_truth.h5ad", "pca": f"results/{d}/pca.npz",
         }
@@ -17,4 +21,7 @@ with logged(snakemake):
     build_report(
         snakemake.output[0], tables, runs, provenance, n_pca_conditions=snakemake.params.pca_conditions,
         audits=[(inp.audit, "scFATE Table 1 audit: which saved log backs each printed number")],
+        splits={Path(p).parent.name: p for p in inp.splits},
+        leaderboard_metrics=snakemake.params.leaderboard_metrics, subgroup_metrics=snakemake.params.subgroup_metrics,
+        simple_baselines=snakemake.params.simple_baselines,
     )
