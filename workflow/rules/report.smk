@@ -1,4 +1,7 @@
-# Paper tables (reported vs reproduced, one status per cell) and the HTML report.
+# Paper tables (reported vs reproduced, one status per cell), the scFATE log audit and the HTML report.
+
+SCFATE_FETCH_STATUS = "resources/audit/scfate_hub/fetch_status.json"
+SCFATE_HUB = config.get("audit", {}).get("scfate_hub")  # None: no fetch, the audit reads audit.scfate_logs
 
 
 rule paper_table:
@@ -32,6 +35,7 @@ rule report:
     input:
         tables=expand("results/tables/{table}.csv", table=TABLES),
         audit="results/tables/scfate_table1.csv",
+        scfate_fetch=[SCFATE_FETCH_STATUS] if SCFATE_HUB else [],
         metrics=[f"results/{d}/{m}/metrics.csv" for d, m in PAIRS],
         per_condition=[f"results/{d}/{m}/per_condition.csv" for d, m in PAIRS],
         perturbench=[f"results/{d}/{m}/perturbench.csv" for d, m in PAIRS],
@@ -69,9 +73,29 @@ rule report:
         "../scripts/report.py"
 
 
+rule fetch_scfate_logs:
+    # Never fails for lack of network: the status file says `unavailable` and why, and the audit reports it.
+    # Re-run with network: snakemake --forcerun fetch_scfate_logs results/tables/scfate_table1.md
+    output:
+        status=SCFATE_FETCH_STATUS,
+    params:
+        hub=SCFATE_HUB or {},
+    localrule: True
+    log:
+        "logs/fetch_scfate_logs.log",
+    benchmark:
+        "benchmarks/fetch_scfate_logs.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_scfate_logs.py"
+
+
 rule scfate_table1_audit:
     input:
         spec="resources/paper_tables/scfate_table1.yaml",
+        # the authors' logs from their Hugging Face repo when `audit.scfate_hub` is configured; else a local dir
+        fetch=[SCFATE_FETCH_STATUS] if SCFATE_HUB else [],
         logs=scfate_log_files,
     output:
         csv=report(

@@ -3,6 +3,7 @@ from pathlib import Path
 from perturb_repro.joblog import logged
 from perturb_repro.report.html import build_report
 from perturb_repro.provenance import collect_provenance
+from perturb_repro.tables.scfate_fetch import files_summary, read_fetch_status
 
 with logged(snakemake):
     inp = snakemake.input
@@ -18,6 +19,12 @@ with logged(snakemake):
     ]
     tables = [(csv, csv[: -len(".csv")] + ".md") for csv in inp.tables]
     provenance = collect_provenance(snakemake.params.configfiles, snakemake.params.sources, inp.summaries)
+    for status_file in inp.scfate_fetch:
+        fetch = read_fetch_status(status_file)
+        provenance["scFATE logs (Hugging Face, sha256)"] = {
+            "repo": f"{fetch['repo_id']}@{fetch['revision']} (commit {fetch['commit']})", "folder": fetch["folder"],
+            "status": f"{fetch['status']}: {fetch['reason']}", "files": files_summary(fetch),
+        }
     build_report(
         snakemake.output[0], tables, runs, provenance, n_pca_conditions=snakemake.params.pca_conditions,
         audits=[(inp.audit, "scFATE Table 1 audit: which saved log backs each printed number")],
