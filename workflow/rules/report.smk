@@ -1,7 +1,7 @@
 # Paper tables (reported vs reproduced, one status per cell), the scFATE log audit and the HTML report.
 
 SCFATE_FETCH_STATUS = "resources/audit/scfate_hub/fetch_status.json"
-SCFATE_HUB = config.get("audit", {}).get("scfate_hub")  # None: no fetch, the audit reads audit.scfate_logs
+SCFATE_HUB = lookup(dpath="audit/scfate_hub", within=config, default=None)  # None: no fetch; audit.scfate_logs is read
 
 
 rule paper_table:
