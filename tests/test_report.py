@@ -163,8 +163,9 @@ def test_report_is_self_contained_and_complete(fixture_files: dict[str, Path], t
     parser = _Collector()
     parser.feed(text)
 
-    # images: all inline PNGs (loss curve, one PCA figure, 3 distributions)
-    assert len(parser.imgs) == 5
+    # images: all inline PNGs (1 leaderboard bar chart: the fixture's metrics.csv has one headline metric,
+    # loss curve, one PCA figure, 3 distributions)
+    assert len(parser.imgs) == 6
     for img in parser.imgs:
         src = img["src"] or ""
         assert src.startswith("data:image/png;base64,")
@@ -255,3 +256,187 @@ def test_report_shows_claim_audit_with_coloured_verdicts(tmp_path: Path) -> None
     pd.DataFrame({"dataset": ["x"]}).to_csv(bad, index=False)
     with pytest.raises(PipelineInputError, match="bad.csv"):
         build_report(tmp_path / "r2.html", [], [], {}, audits=[(bad, "t")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Model comparison: leaderboards, simple baselines, seeds, subgroups
+
+
+def _summary_csv(path: Path, rows: dict[str, float], seeds: dict[str, tuple[float, int]] | None = None) -> Path:
+    """A metrics.csv; with ``seeds`` (metric -> (std over seeds, n_seeds)) in the replicate aggregate's layout."""
+    records = []
+    for metric, mean in rows.items():
+        record = {"metric": metric, "count": 5, "mean": mean, "std": 0.1, "median": mean}
+        if seeds is not None:
+            std, n = seeds[metric]
+            record.update({"mean_seed_std": std, "median_seed_std": std, "n_seeds": n})
+        records.append(record)
+    pd.DataFrame(records).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def board_runs(tmp_path: Path) -> list[dict]:
+    values = {
+        # model: (type, pearson_delta, mse, seeds)
+        "control_mean": ("control_mean", 0.10, 0.050, None),
+        "linear": ("linear", 0.40, 0.020, None),
+        "additive": ("additive", 0.30, 0.010, None),
+        "deep": ("cellflow", 0.45, 0.030, {"pearson_delta": (0.02, 5), "mse": (0.001, 5)}),  # +0.05 > std 0.02
+        "close": ("primeflow", 0.41, 0.012, {"pearson_delta": (0.03, 2), "mse": (0.0001, 2)}),  # +0.01 < std 0.03
+        "weak": ("scgpt", 0.20, 0.005, None),
+    }
+    runs = []
+    for model, (mtype, pd_value, mse, seeds) in values.items():
+        path = _summary_csv(tmp_path / f"{model}_metrics.csv", {"pearson_delta": pd_value, "mse": mse}, seeds)
+        pb = _summary_csv(tmp_path / f"{model}_pb.csv", {"mmd_gex": 1.0 + pd_value, "cosine_logfc_rank": 0.5 - pd_value})
+        runs.append({"dataset": "d", "model": model, "model_type": mtype, "metrics_csv": path, "perturbench_csv": pb,
+                     "summaries": [path, pb]})
+    return runs
+
+
+def test_metric_directions_follow_the_metric_owners() -> None:
+    from perturb_repro.report.leaderboard import metric_direction
+
+    # cell-eval: pearson_delta / discrimination_score best 1, mse best 0; PerturBench: MMD and RMSE are
+    # distances, cosine and DEG recall similarities, every rank 0 = best
+    expected = {"pearson_delta": "higher", "discrimination_score_l1": "higher", "mse": "lower", "mmd_gex": "lower",
+                "rmse_average": "lower", "cosine_logfc": "higher", "deg_recall": "higher", "cosine_logfc_rank": "lower",
+                "deg_recall_rank_transpose": "lower", "not_a_metric": None}
+    assert {m: metric_direction(m) for m in expected} == expected
+
+
+def test_leaderboard_best_baseline_seeds_and_verdicts(board_runs: list[dict]) -> None:
+    from perturb_repro.report.leaderboard import leaderboard
+
+    board = leaderboard(board_runs, ["pearson_delta", "mse", "mmd_gex", "absent_metric"], ["control_mean", "additive", "linear"])
+    cell = board.set_index(["model", "metric"])
+    # the best baseline per metric, by direction: pearson_delta max (linear 0.40), mse min (additive 0.010)
+    assert set(board.loc[board["metric"] == "pearson_delta", "best_baseline"]) == {"linear"}
+    assert set(board.loc[board["metric"] == "mse", "best_baseline"]) == {"additive"}
+    assert cell.loc[("deep", "pearson_delta"), "margin"] == pytest.approx(0.05)
+    assert cell.loc[("deep", "mse"), "margin"] == pytest.approx(0.010 - 0.030)  # positive = better; deep is worse
+    # seeds: mean/std/n read from the aggregate's columns; one value and n_seeds 1 for a one-run file
+    assert cell.loc[("deep", "pearson_delta"), "seed_std"] == pytest.approx(0.02)
+    assert cell.loc[("deep", "pearson_delta"), "n_seeds"] == 5
+    assert cell.loc[("weak", "pearson_delta"), "n_seeds"] == 1 and math.isnan(cell.loc[("weak", "pearson_delta"), "seed_std"])
+    verdicts = {k: v for k, v in cell["beats_baseline"].items()}
+    assert verdicts[("deep", "pearson_delta")] == "yes"
+    assert verdicts[("deep", "mse")] == "no"
+    assert verdicts[("close", "pearson_delta")] == "within seed noise"  # +0.01 within its std over seeds 0.03
+    assert verdicts[("close", "mse")] == "no"  # 0.012 vs 0.010: worse by more than its std 0.0001
+    assert verdicts[("weak", "mse")] == "yes" and verdicts[("weak", "pearson_delta")] == "no"
+    assert verdicts[("linear", "pearson_delta")] == "n/a"  # a baseline is not judged against itself
+    assert "absent_metric" not in set(board["metric"])
+    # PerturBench's summary is read beside cell-eval's
+    assert cell.loc[("linear", "mmd_gex"), "value"] == pytest.approx(1.40)
+    assert set(board.loc[board["metric"] == "mmd_gex", "best_baseline"]) == {"control_mean"}  # lowest MMD
+
+
+def _split_csv(path: Path, rows: list[tuple]) -> Path:
+    columns = ["condition", "cell_type", "split", "subgroup"] if len(rows[0]) == 4 else ["condition", "split", "subgroup"]
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+    return path
+
+
+def test_subgroup_means_gears_and_covariate_transfer(tmp_path: Path) -> None:
+    from perturb_repro.report.leaderboard import subgroup_means
+
+    split = _split_csv(tmp_path / "split.csv", [
+        ("ctrl", "train", "control"), ("A+ctrl", "train", ""), ("B+C", "test", "combo_seen0"), ("A+C", "test", "combo_seen1"),
+        ("A+D", "test", "combo_seen1"), ("A+B", "test", "combo_seen2"), ("E+ctrl", "test", "unseen_single"), ("F+ctrl", "val", "unseen_single"),
+    ])
+    per_cond = tmp_path / "pc.csv"
+    pd.DataFrame({"perturbation": ["A+B", "A+C", "A+D", "B+C", "E+ctrl"], "pearson_delta": [0.9, 0.5, 0.3, 0.1, math.nan]}).to_csv(per_cond, index=False)
+    pb = tmp_path / "pb.csv"
+    pd.DataFrame({"condition": ["A+B", "A+C", "A+D", "B+C", "E+ctrl"], "mmd_gex": [1.0, 2.0, 4.0, 8.0, 16.0]}).to_csv(pb, index=False)
+    means = subgroup_means("d", split, {"m": [per_cond, pb]}, ["pearson_delta", "mmd_gex"])
+    got = {(r.metric, r.subgroup): (r.mean, r.n_conditions) for r in means.itertuples()}
+    assert got[("pearson_delta", "combo_seen1")] == (pytest.approx(0.4), 2)
+    assert got[("pearson_delta", "combo_seen2")] == (pytest.approx(0.9), 1)
+    assert math.isnan(got[("pearson_delta", "unseen_single")][0]) and got[("pearson_delta", "unseen_single")][1] == 0
+    assert got[("mmd_gex", "combo_seen1")] == (pytest.approx(3.0), 2)
+    assert got[("mmd_gex", "unseen_single")] == (pytest.approx(16.0), 1)
+
+    # covariate transfer: the same gene held out in two lines is two subgroups
+    split2 = _split_csv(tmp_path / "split2.csv", [
+        ("G1", "A172", "test", "heldout"), ("G1", "U87", "test", "heldout"), ("G2", "A172", "test", "heldout"), ("G2", "U87", "train", ""),
+    ])
+    pc2 = tmp_path / "pc2.csv"
+    pd.DataFrame({"perturbation": ["G1", "G2", "G1"], "cell_type": ["A172", "A172", "U87"], "mse": [1.0, 3.0, 5.0]}).to_csv(pc2, index=False)
+    means2 = subgroup_means("c", split2, {"m": [pc2]}, ["mse"])
+    assert dict(zip(means2["subgroup"], means2["mean"])) == {"heldout · cell_type=A172": 2.0, "heldout · cell_type=U87": 5.0}
+
+    # a scored condition that is not a test row of split.csv is broken wiring
+    pd.DataFrame({"perturbation": ["A+ctrl"], "pearson_delta": [0.1]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(PipelineInputError, match="bad.csv"):
+        subgroup_means("d", split, {"m": [tmp_path / "bad.csv"]}, ["pearson_delta"])
+
+
+def test_report_opens_with_leaderboard_and_ends_with_collapsed_provenance(board_runs: list[dict], tmp_path: Path) -> None:
+    split = _split_csv(tmp_path / "split.csv", [("A+B", "test", "combo_seen2"), ("C+ctrl", "test", "unseen_single")])
+    per_cond = tmp_path / "pc.csv"
+    pd.DataFrame({"perturbation": ["A+B", "C+ctrl"], "pearson_delta": [0.7, 0.2], "mse": [0.1, 0.2]}).to_csv(per_cond, index=False)
+    runs = [{**r, "per_condition_csv": per_cond} for r in board_runs]
+    out = tmp_path / "report.html"
+    build_report(out, [], runs, {"config files (sha256)": {"c.yaml": "ab" * 32}}, splits={"d": split})
+    text = out.read_text(encoding="utf-8")
+    # top-down order: leaderboard, subgroups, paper tables, distributions, runs, provenance
+    positions = [text.index(marker) for marker in (
+        'id="leaderboard-d"', 'id="subgroups-d"', 'id="summary"', 'id="distributions"', 'id="runs"', 'id="provenance"')]
+    assert positions == sorted(positions)
+    first_table = text[text.index("<table"):text.index("</table>")]
+    assert "pearson_delta" in first_table and "simple baseline" in first_table
+    assert "0.45 ± 0.02 (5 seeds)" in first_table and "0.41 ± 0.03 (2 seeds)" in first_table
+    assert 'class="num beats"' in first_table and 'class="num noise"' in first_table and 'class="num loses"' in first_table
+    # collapsed: provenance and every run's dump are inside <details> without `open`
+    provenance = text[text.index('id="provenance"'):]
+    assert provenance.index("<details>") < provenance.index("ab" * 32)
+    run_part = text[text.index('id="run-d-deep"'):]
+    assert run_part.startswith('id="run-d-deep"><details><summary>')
+    subgroups = text[text.index('id="subgroups-d"'):text.index('id="summary"')]
+    assert "combo_seen2" in subgroups and "unseen_single" in subgroups
+
+
+def test_figures_are_sized_for_26_models_at_1400px(tmp_path: Path) -> None:
+    from PIL import Image
+    import io
+
+    from perturb_repro.report import figures
+
+    models = [f"primeflow_mlp_cfg{i}" for i in range(26)]
+    rng = np.random.default_rng(0)
+    bars = figures.leaderboard_bars(models, rng.uniform(0, 1, 26), [math.nan] * 26, [i < 3 for i in range(26)], "mse", False, 0.3)
+    paths = {}
+    for m in models:
+        paths[m] = tmp_path / f"{m}.csv"
+        pd.DataFrame({"perturbation": list("abcd"), "mse": rng.uniform(0, 1, 4)}).to_csv(paths[m], index=False)
+    boxes = figures.metric_distribution(paths, "mse", baselines=models[:3], higher_is_better=False)
+    for png in (bars, boxes):
+        width, height = Image.open(io.BytesIO(png)).size
+        # two figures side by side fit the report's 1200 px column at a 1400 px window, so they are shown
+        # at their own pixel size (9 pt labels = 12.5 px), and every model row keeps >= 24 px of height
+        assert width <= 580
+        assert (height - 90) / 26 >= 24
+
+
+def test_browser_check_writes_a_1400px_screenshot_of_the_top(board_runs: list[dict], tmp_path: Path) -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("Chromium not installed (.ci/run installs Debian's chromium)")
+    out = tmp_path / "report.html"
+    build_report(out, [], board_runs, {"config": "x"})
+    tool = Path(__file__).resolve().parents[1] / "workflow" / "tools" / "check_report_in_browser.py"
+    result = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    shot = Path(found["screenshot"])
+    assert shot == tmp_path / "report.top.png"  # default: beside the report
+    head = shot.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC
+    assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1400, 900)
+    assert found["broken"] == [] and found["dangling"] == [] and found["images"] >= 2

@@ -409,3 +409,117 @@ def test_card_fact_file_without_key_names_the_field(tmp_path):
     with pytest.raises(PipelineInputError, match="together") as info:
         load_audit_spec(spec)
     assert info.value.field == "cells[0].card_fact.file"
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' logs fetched from their Hugging Face repo (a fake local repo folder; no network)
+
+
+class _LocalFolderHub:
+    """A hub whose repo is a local folder laid out like Angione-Lab/scFATE (at one fixed commit)."""
+
+    commit = "6d96029" + "0" * 33
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.listed = 0
+
+    def resolve(self, where):
+        assert where.revision == "6d96029"
+        return self.commit
+
+    def list_files(self, where, commit):
+        self.listed += 1
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def download(self, where, commit, path, dest):
+        target = dest / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((self.root / path).read_bytes())
+        return target
+
+
+def _fake_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "fake_hf_repo"
+    _card_logs(repo / "results")  # -> results/table1_inputs/*.json
+    # a log the spec never names: the file list must come from the repo, not from us
+    _write_json(repo / "results" / "table1_inputs" / "extra" / "norman_seed2.json", {"note": 1})
+    (repo / "flow_heads" / "k562").mkdir(parents=True)
+    (repo / "flow_heads" / "k562" / "flow_best.pt").write_bytes(b"\0" * 64)  # outside the folder: not fetched
+    (repo / "README.md").write_text("# scFATE\n")
+    return repo
+
+
+def test_fetched_logs_layout_is_audited_with_checksums(tmp_path):
+    import hashlib
+
+    from perturb_repro.tables.scfate_fetch import HubFolder, fetch_hub_folder, read_fetch_status
+
+    repo = _fake_repo(tmp_path)
+    hub = _LocalFolderHub(repo)
+    where = HubFolder(repo_id="Angione-Lab/scFATE", revision="6d96029", folder="results/table1_inputs")
+    dest, status_path = tmp_path / "resources" / "scfate_hub", tmp_path / "resources" / "fetch_status.json"
+    status = fetch_hub_folder(where, dest, status_path, hub=hub)
+
+    assert status["status"] == "fetched" and status["commit"] == hub.commit
+    expected = sorted(p.relative_to(repo).as_posix() for p in (repo / "results" / "table1_inputs").rglob("*.json"))
+    assert [f["path"] for f in status["files"]] == expected and len(expected) == 5
+    for entry in status["files"]:
+        assert entry["sha256"] == hashlib.sha256((repo / entry["path"]).read_bytes()).hexdigest()
+        assert (dest / entry["path"]).read_bytes() == (repo / entry["path"]).read_bytes()
+    assert not (dest / "flow_heads").exists()
+    assert json.loads(status_path.read_text()) == status
+
+    frame = audit_table1(_spec_with_printed(tmp_path, HYPOTHETICAL_PRINTED), None, fetch_status=status_path)
+    da = _row(frame, "sciplex3", "DA")
+    assert da["status"] == f"backed ({CARD_JSON}:metric_da.tanimoto_morgan2048)" and bool(da["agrees_with_card"])
+    assert _row(frame, "k562", "DA")["status"] == "backed (k562_reflow_K2_s1_eval.json:da)"
+    assert frame.attrs["n_files"] == 5
+    write_audit(frame, tmp_path / "a.csv", tmp_path / "a.md")
+    md = (tmp_path / "a.md").read_text()
+    assert f"commit {hub.commit}" in md and status["files"][0]["sha256"] in md
+
+    # a fetched file edited after download is caught, naming the file
+    (dest / expected[0]).write_text("{}")
+    with pytest.raises(PipelineInputError, match=re.escape(expected[0].split("/")[-1])):
+        read_fetch_status(status_path)
+
+
+def test_fetch_of_a_missing_folder_or_offline_hub_writes_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    from perturb_repro.tables.scfate_fetch import HubFolder, fetch_hub_folder
+
+    repo = _fake_repo(tmp_path)
+    status = fetch_hub_folder(
+        HubFolder("Angione-Lab/scFATE", "6d96029", "results/no_such_folder"), tmp_path / "d", tmp_path / "s.json", hub=_LocalFolderHub(repo)
+    )
+    assert status["status"] == "unavailable" and "no files under results/no_such_folder/" in status["reason"]
+
+    # the real huggingface_hub client, offline (the demo's situation): the DAG goes on, the status says why
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from perturb_repro.tables.scfate_fetch import HubFolder, fetch_hub_folder;"
+        "s = fetch_hub_folder(HubFolder('Angione-Lab/scFATE', '6d96029', 'results/table1_inputs'), sys.argv[2], sys.argv[3]);"
+        "print(s['status'])"
+    )
+    # ... and a hub that cannot be reached (connection refused on a closed local port: no DNS, no network)
+    for name, extra_env in (("offline", {"HF_HUB_OFFLINE": "1"}), ("unreachable", {"HF_ENDPOINT": "http://127.0.0.1:9"})):
+        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")} | extra_env
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(REPO / "workflow" / "src"), str(tmp_path / name), str(tmp_path / f"{name}.json")],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "unavailable", out.stderr
+    unreachable = json.loads((tmp_path / "unreachable.json").read_text())
+    assert "resolving revision 6d96029 failed" in unreachable["reason"] and "http://127.0.0.1:9" in unreachable["reason"]
+    status_path = tmp_path / "offline.json"
+    offline = json.loads(status_path.read_text())
+    assert offline["status"] == "unavailable" and "resolving revision 6d96029 failed" in offline["reason"]
+    assert "Offline" in offline["reason"]
+    frame = audit_table1(SPEC_PATH, None, fetch_status=status_path)
+    assert (frame["verdict"] == "unverifiable").all()
+    assert frame["reason"].str.contains("were not fetched: resolving revision 6d96029 failed").all()
+    write_audit(frame, tmp_path / "o.csv", tmp_path / "o.md")
+    assert "**Logs not fetched**" in (tmp_path / "o.md").read_text()

@@ -1,4 +1,7 @@
-# Paper tables (reported vs reproduced, one status per cell) and the HTML report.
+# Paper tables (reported vs reproduced, one status per cell), the scFATE log audit and the HTML report.
+
+SCFATE_FETCH_STATUS = "resources/audit/scfate_hub/fetch_status.json"
+SCFATE_HUB = lookup(dpath="audit/scfate_hub", within=config, default=None)  # None: no fetch; audit.scfate_logs is read
 
 
 rule paper_table:
@@ -32,8 +35,12 @@ rule report:
     input:
         tables=expand("results/tables/{table}.csv", table=TABLES),
         audit="results/tables/scfate_table1.csv",
+        scfate_fetch=[SCFATE_FETCH_STATUS] if SCFATE_HUB else [],
         metrics=[f"results/{d}/{m}/metrics.csv" for d, m in PAIRS],
         per_condition=[f"results/{d}/{m}/per_condition.csv" for d, m in PAIRS],
+        perturbench=[f"results/{d}/{m}/perturbench.csv" for d, m in PAIRS],
+        perturbench_per_condition=[f"results/{d}/{m}/perturbench_per_condition.csv" for d, m in PAIRS],
+        splits=expand("results/{dataset}/split.csv", dataset=sorted({d for d, _ in PAIRS})),
         predictions=[f"results/{d}/{m}/predictions.h5ad" for d, m in PAIRS],
         checkpoints=[f"results/{d}/{checkpoint_owner(m)}/checkpoint" for d, m in PAIRS],
         truth=expand("results/{dataset}/test_truth.h5ad", dataset=sorted({d for d, _ in PAIRS})),
@@ -50,6 +57,10 @@ rule report:
         pairs=PAIRS,
         tables=TABLES,
         pca_conditions=lookup(dpath="report/pca_conditions", within=config),
+        leaderboard_metrics=lookup(dpath="report/leaderboard_metrics", within=config),
+        subgroup_metrics=lookup(dpath="report/subgroup_metrics", within=config),
+        simple_baselines=lookup(dpath="report/simple_baselines", within=config),
+        model_types={m: config["models"][m]["type"] for m in MODELS},
         configfiles=[str(f) for f in workflow.configfiles],
         sources={d: config["datasets"][d]["source"] for d in DATASETS},
     log:
@@ -62,9 +73,29 @@ rule report:
         "../scripts/report.py"
 
 
+rule fetch_scfate_logs:
+    # Never fails for lack of network: the status file says `unavailable` and why, and the audit reports it.
+    # Re-run with network: snakemake --forcerun fetch_scfate_logs results/tables/scfate_table1.md
+    output:
+        status=SCFATE_FETCH_STATUS,
+    params:
+        hub=SCFATE_HUB or {},
+    localrule: True
+    log:
+        "logs/fetch_scfate_logs.log",
+    benchmark:
+        "benchmarks/fetch_scfate_logs.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_scfate_logs.py"
+
+
 rule scfate_table1_audit:
     input:
         spec="resources/paper_tables/scfate_table1.yaml",
+        # the authors' logs from their Hugging Face repo when `audit.scfate_hub` is configured; else a local dir
+        fetch=[SCFATE_FETCH_STATUS] if SCFATE_HUB else [],
         logs=scfate_log_files,
     output:
         csv=report(

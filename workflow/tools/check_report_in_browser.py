@@ -1,7 +1,9 @@
 """Open the HTML report in headless Chromium and check it as a reader would see it.
 
-Checks that the page renders (a screenshot is written), that every <img> decodes (naturalWidth > 0)
-and that every link resolves (in-page anchors exist; no link leaves the file). Exit code 0 when all
+Checks that the page renders, that every <img> decodes (naturalWidth > 0) and that every link
+resolves (in-page anchors exist; no link leaves the file), and writes a screenshot of the top of the
+report as a reader at a 1400 px wide window sees it (1400 x 900 px PNG; default beside the report,
+``<report>.top.png``; its path is printed in the JSON line as ``screenshot``). Exit code 0 when all
 hold, 1 otherwise, with one line per problem.
 
     python workflow/tools/check_report_in_browser.py results/report.html [--screenshot out.png]
@@ -35,6 +37,9 @@ window.addEventListener('load', () => {
 </script>
 """
 
+# The reader this report is laid out for: a 1400 px wide window; the top screen is what they see first.
+WINDOW = (1400, 900)
+
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -49,7 +54,7 @@ def chromium() -> str:
     raise FileNotFoundError("no Chromium found (Debian: apt-get install chromium)")
 
 
-def check(report: Path, screenshot: Path | None = None) -> dict:
+def check(report: Path, screenshot: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "report_probe.html"
         probe.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
@@ -58,28 +63,45 @@ def check(report: Path, screenshot: Path | None = None) -> dict:
             [chromium(), *FLAGS, *profile, "--dump-dom", probe.as_uri()],
             capture_output=True, text=True, timeout=120,
         ).stdout
-        if screenshot is not None:
-            subprocess.run(
-                [chromium(), *FLAGS, *profile, "--window-size=1280,2000", f"--screenshot={screenshot}", report.resolve().as_uri()],
-                capture_output=True, text=True, timeout=120,
-            )
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [chromium(), *FLAGS, *profile, f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars",
+             f"--screenshot={screenshot.resolve()}", report.resolve().as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
     found = re.search(r'<pre id="browser-check">(.*?)</pre>', dom, flags=re.S)
     if not found:
         return {"rendered": False}
     result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     result["rendered"] = result["height"] > 0
+    result["screenshot"] = str(screenshot)
+    result["screenshot_size"] = png_size(screenshot)
     return result
+
+
+def png_size(path: Path) -> list[int] | None:
+    """[width, height] from a PNG's IHDR chunk; None when the file is missing or not a PNG."""
+    try:
+        head = path.read_bytes()[:24]
+    except OSError:
+        return None
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    return [int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path)
-    parser.add_argument("--screenshot", type=Path)
+    parser.add_argument("--screenshot", type=Path, help="PNG of the report's top at 1400 px (default: <report>.top.png)")
     args = parser.parse_args(argv)
-    result = check(args.report, args.screenshot)
+    screenshot = args.screenshot or args.report.with_suffix(".top.png")
+    result = check(args.report, screenshot)
     problems = []
     if not result.get("rendered"):
         problems.append("page did not render")
+    if result.get("rendered") and result.get("screenshot_size") != list(WINDOW):
+        problems.append(f"no {WINDOW[0]}x{WINDOW[1]} screenshot at {screenshot} (got {result.get('screenshot_size')})")
     problems += [f"image did not load: {b}" for b in result.get("broken", [])]
     problems += [f"broken link: {h}" for h in result.get("dangling", [])]
     print(json.dumps(result))

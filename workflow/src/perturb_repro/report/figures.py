@@ -37,6 +37,14 @@ MAX_CELLS_PER_GROUP = 1000
 
 _DPI = 100
 
+# Sizes chosen so a figure is shown at its own pixel size in the report's 1200 px column at a 1400 px
+# window (two per row): no downscaling, so 9 pt labels stay 12.5 px on screen.
+LEADERBOARD_WIDTH_IN = 5.6
+LEADERBOARD_ROW_IN = 0.26
+LEADERBOARD_FONT_PT = 9
+BASELINE_COLOR = "#969696"
+MODEL_COLOR = "#3182bd"
+
 
 def _to_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
@@ -293,43 +301,130 @@ def read_per_condition_metric(path: PathLike, metric: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def metric_distribution(per_condition_csvs: Mapping[str, PathLike], metric: str) -> bytes:
-    """Box plot with overlaid points of one metric's per-condition values, one box per label.
+def metric_distribution(
+    per_condition_csvs: Mapping[str, PathLike], metric: str, baselines: Sequence[str] = (), higher_is_better: bool | None = None
+) -> bytes:
+    """Horizontal box plot with overlaid points of one metric's per-condition values, one row per label.
+
+    Rows are sorted by median (best first when ``higher_is_better`` is known, else descending), so
+    26 models stay readable: each gets ``LEADERBOARD_ROW_IN`` of height at a fixed, screen-sized width.
 
     Args:
         per_condition_csvs: Label (usually the model) -> per-condition metrics CSV.
         metric: Metric to plot; NaN values are skipped, and the count kept is shown per label.
+        baselines: Labels that are simple baselines (grey boxes, italic labels).
+        higher_is_better: Sort direction of the medians; None sorts descending.
 
     Returns:
         PNG bytes (a message figure if no label has any finite value).
     """
     labels = list(per_condition_csvs)
-    values = [read_per_condition_metric(per_condition_csvs[label], metric) for label in labels]
-    if not labels or not any(len(v) for v in values):
+    values = {label: read_per_condition_metric(per_condition_csvs[label], metric) for label in labels}
+    if not labels or not any(len(v) for v in values.values()):
         return _message_png(metric, "no finite per-condition values")
-
-    fig = Figure(figsize=(max(3.5, 1.6 * len(labels) + 1.5), 3.6))
+    sign = 1.0 if higher_is_better in (None, True) else -1.0
+    labels.sort(key=lambda lb: (not len(values[lb]), -sign * float(np.median(values[lb])) if len(values[lb]) else 0.0))
+    n = len(labels)
+    fig = Figure(figsize=(LEADERBOARD_WIDTH_IN, 0.9 + LEADERBOARD_ROW_IN * n))
     ax = fig.add_subplot()
-    positions = np.arange(1, len(labels) + 1)
-    present = [i for i, v in enumerate(values) if len(v)]
-    ax.boxplot(
-        [values[i] for i in present],
-        positions=positions[present],
-        widths=0.5,
+    y = np.arange(n)[::-1]  # first (best) row at the top
+    present = [i for i, lb in enumerate(labels) if len(values[lb])]
+    boxes = ax.boxplot(
+        [values[labels[i]] for i in present],
+        positions=y[present],
+        widths=0.6,
+        orientation="horizontal",
+        patch_artist=True,
         showfliers=False,  # the strip below already shows every point
         medianprops={"color": "black"},
     )
+    for box, i in zip(boxes["boxes"], present):
+        box.set_facecolor("#d9d9d9" if labels[i] in baselines else "#deebf7")
     rng = np.random.default_rng(0)
     for i in present:
-        jitter = rng.uniform(-0.15, 0.15, size=len(values[i]))
-        ax.scatter(positions[i] + jitter, values[i], s=16, alpha=0.7, color="#3182bd", linewidths=0, zorder=3)
-    ax.set_xticks(positions)
-    ax.set_xticklabels([f"{label}\n(n={len(v)})" for label, v in zip(labels, values)], fontsize="small")
-    ax.set_xlim(0.4, len(labels) + 0.6)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per condition")
+        v = values[labels[i]]
+        jitter = rng.uniform(-0.15, 0.15, size=len(v))
+        ax.scatter(v, y[i] + jitter, s=8, alpha=0.6, color=MODEL_COLOR, linewidths=0, zorder=3)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{lb} (n={len(values[lb])})" for lb in labels], fontsize=LEADERBOARD_FONT_PT)
+    for tick, lb in zip(ax.get_yticklabels(), labels):
+        if lb in baselines:
+            tick.set_fontstyle("italic")
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.tick_params(axis="x", labelsize=LEADERBOARD_FONT_PT)
+    ax.set_xlabel(metric, fontsize=LEADERBOARD_FONT_PT)
+    ax.set_title(f"{metric} per condition", fontsize=LEADERBOARD_FONT_PT + 1)
     fig.tight_layout()
     return _to_png(fig)
 
 
-__all__ = ["loss_curve", "metric_distribution", "pca_predicted_vs_real", "read_per_condition_metric"]
+# --------------------------------------------------------------------------------------------------
+# Leaderboard: one metric, every model of a dataset
+
+
+
+def leaderboard_bars(
+    models: Sequence[str],
+    values: Sequence[float],
+    errors: Sequence[float],
+    baseline: Sequence[bool],
+    metric: str,
+    higher_is_better: bool | None,
+    best_baseline_value: float | None = None,
+) -> bytes:
+    """Horizontal bars of one metric, one row per model, best first; simple baselines grey and hatched.
+
+    Args:
+        models: Model labels.
+        values: The metric per model (NaN rows are listed last as "n/a").
+        errors: Std over seeds per model (NaN = one seed: no error bar).
+        baseline: Whether each model is a simple baseline.
+        metric: Metric name (axis label and title).
+        higher_is_better: Sort direction; None keeps the given order.
+        best_baseline_value: Drawn as a dashed line (the bar to beat).
+
+    Returns:
+        PNG bytes, ``LEADERBOARD_WIDTH_IN`` wide and ``LEADERBOARD_ROW_IN`` per model tall.
+    """
+    vals = np.asarray(values, dtype=float)
+    errs = np.asarray(errors, dtype=float)
+    order = list(range(len(models)))
+    if higher_is_better is not None:
+        # best first; NaN last
+        order.sort(key=lambda i: (not np.isfinite(vals[i]), -vals[i] if higher_is_better else vals[i]))
+    n = len(order)
+    if n == 0 or not np.isfinite(vals).any():
+        return _message_png(metric, "no finite values")
+    fig = Figure(figsize=(LEADERBOARD_WIDTH_IN, 0.9 + LEADERBOARD_ROW_IN * n))
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]  # first row at the top
+    shown = np.where(np.isfinite(vals[order]), vals[order], 0.0)
+    colors = [BASELINE_COLOR if baseline[i] else MODEL_COLOR for i in order]
+    bars = ax.barh(y, shown, color=colors, height=0.7, edgecolor="white")
+    for bar, i in zip(bars, order):
+        if baseline[i]:
+            bar.set_hatch("//")
+    seeded = np.isfinite(errs[order])  # one-seed runs get no error bar (not a zero-width one)
+    if seeded.any():
+        ax.errorbar(shown[seeded], y[seeded], xerr=errs[order][seeded], fmt="none", ecolor="black", elinewidth=1, capsize=2)
+    if best_baseline_value is not None and np.isfinite(best_baseline_value):
+        ax.axvline(best_baseline_value, color="black", linestyle="--", linewidth=1, label="best simple baseline")
+        ax.legend(loc="lower right", fontsize=LEADERBOARD_FONT_PT - 1, framealpha=0.8)
+    ax.set_yticks(y)
+    labels = [f"{models[i]}" + ("" if np.isfinite(vals[i]) else " (n/a)") for i in order]
+    ax.set_yticklabels(labels, fontsize=LEADERBOARD_FONT_PT)
+    for tick, i in zip(ax.get_yticklabels(), order):
+        if baseline[i]:
+            tick.set_fontstyle("italic")
+    ax.tick_params(axis="x", labelsize=LEADERBOARD_FONT_PT)
+    ax.set_ylim(-0.6, n - 0.4)
+    arrow = "" if higher_is_better is None else (" (higher is better)" if higher_is_better else " (lower is better)")
+    ax.set_xlabel(metric + arrow, fontsize=LEADERBOARD_FONT_PT)
+    ax.set_title(metric, fontsize=LEADERBOARD_FONT_PT + 1)
+    ax.grid(axis="x", color="#e0e0e0", linewidth=0.6)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
+__all__ = ["leaderboard_bars", "loss_curve", "metric_distribution", "pca_predicted_vs_real", "read_per_condition_metric"]

@@ -7,11 +7,7 @@ never shows a broken link or image.
 
 from __future__ import annotations
 
-import base64
-import html
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -20,13 +16,33 @@ import pandas as pd
 
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.io import atomic_path
-from perturb_repro.report import figures
+from perturb_repro.report import comparison, figures
+from perturb_repro.report.comparison import leaderboard_section, subgroup_section
+from perturb_repro.report.leaderboard import HIGHER, SUBGROUP_COLUMNS, leaderboard, metric_direction, subgroup_means
+from perturb_repro.report.markup import anchor as _anchor
+from perturb_repro.report.markup import esc as _e
+from perturb_repro.report.markup import fmt_number as _fmt_number
+from perturb_repro.report.markup import img as _img
+from perturb_repro.report.markup import note as _note
+from perturb_repro.report.markup import present as _present
+from perturb_repro.report.markup import status_cell as _status_cell
 from perturb_repro.tables.paper_table import OUTPUT_COLUMNS, STATUS_DESCRIPTIONS, STATUSES, format_value, status_counts
 
 PathLike = str | os.PathLike
 
 # Metrics whose per-condition spread is shown for every dataset (one box per model).
 DISTRIBUTION_METRICS: tuple[str, ...] = ("pearson_delta", "mse", "discrimination_score_l1")
+
+# Defaults of the config's report.leaderboard_metrics / subgroup_metrics / simple_baselines (the schema
+# holds the same defaults for the pipeline; these serve direct callers and tests).
+LEADERBOARD_METRICS: tuple[str, ...] = (
+    "pearson_delta", "mse", "discrimination_score_l1", "mmd_gex", "cosine_logfc_rank", "rmse_average_rank", "mmd_gex_rank",
+)
+SUBGROUP_METRICS: tuple[str, ...] = ("pearson_delta", "mse")
+SIMPLE_BASELINES: tuple[str, ...] = ("control_mean", "additive", "linear")
+
+# Paper tables with more cells than this start collapsed.
+OPEN_TABLE_MAX_ROWS = 40
 
 # Tried in order when a run does not name its control label; these are the labels our datasets use.
 CONTROL_CANDIDATES: tuple[str, ...] = ("control", "ctrl", "non-targeting", "non_targeting")
@@ -54,53 +70,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #666; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1em 0; }
 code { background: #f4f4f4; padding: 0 0.2em; }
-nav ul { columns: 2; }
+nav.contents { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd; padding: 0.2em 0; z-index: 1; }
 """ + "\n".join(f".status-{s} {{ background: {c}; }}" for s, c in _STATUS_COLORS.items())
-
-
-def _e(value: Any) -> str:
-    """Escape any value for HTML text or attribute context."""
-    return html.escape(str(value), quote=True)
-
-
-def _anchor(prefix: str, name: str, used: set[str]) -> str:
-    base = f"{prefix}-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "x")
-    anchor, i = base, 2
-    while anchor in used:  # two names that sanitise alike must not share an id
-        anchor, i = f"{base}-{i}", i + 1
-    used.add(anchor)
-    return anchor
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _status_cell(status: str) -> str:
-    return f'<td class="status status-{_e(status)}">{_e(status)}</td>'
-
-
-def _status_badge(status: str) -> str:
-    return f'<span class="status status-{_e(status)}">{_e(status)}</span>'
-
-
-def _fmt_number(value: Any) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    if not math.isfinite(number):
-        return "n/a"  # an undefined metric must never read as 0
-    return f"{number:.6g}"
-
-
-def _present(path: PathLike | None) -> bool:
-    return path is not None and str(path) != "" and Path(path).is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,12 +92,12 @@ def _render_value(value: Any) -> str:
 
 
 def _provenance_section(provenance: Mapping[str, Any]) -> str:
-    parts = ['<section id="provenance"><h2>Provenance</h2>']
+    parts = ['<section id="provenance"><h2>Provenance</h2><details><summary>Config and data checksums, code version, packages</summary>']
     if provenance:
         parts.append(_render_value(provenance))
     else:
         parts.append(_note("No provenance was given to the report builder."))
-    parts.append("</section>")
+    parts.append("</details></section>")
     return "\n".join(parts)
 
 
@@ -197,14 +168,17 @@ def _table_section(frame: pd.DataFrame, title: str, source: str | None, anchor: 
             + "</tr>"
         )
     counts = ", ".join(f"{s} {n}" for s, n in status_counts(frame["status"]).items())
+    # a long table (PRiMeFlow's run to 120 cells) would push everything after it off screen
+    open_attr = " open" if len(frame) <= OPEN_TABLE_MAX_ROWS else ""
     return (
         f'<section id="{_e(anchor)}"><h3>{_e(title)}</h3>'
         + (f'<p class="muted">{_e(source)}</p>' if source else "")
-        + "<table><tr>"
+        + f"<p>Status summary: {_e(counts)}</p>"
+        + f"<details{open_attr}><summary>{len(frame)} cells</summary><table><tr>"
         + "".join(f"<th>{_e(h)}</th>" for h in header)
         + "</tr>"
         + "".join(rows)
-        + f"</table><p>Status summary: {_e(counts)}</p></section>"
+        + "</table></details></section>"
     )
 
 
@@ -272,7 +246,7 @@ def _truth_conditions(truth_h5ad: PathLike) -> list[str]:
 
 def _run_section(run: Mapping[str, Any], anchor: str, n_pca_conditions: int) -> str:
     dataset, model = str(run["dataset"]), str(run["model"])
-    parts = [f'<section id="{_e(anchor)}"><h3>{_e(dataset)} / {_e(model)}</h3>']
+    parts = [f'<section id="{_e(anchor)}"><details><summary>{_e(dataset)} / {_e(model)}</summary>']
 
     metrics_csv = run.get("metrics_csv")
     parts.append("<h4>Metrics (aggregated over test conditions)</h4>")
@@ -314,11 +288,11 @@ def _run_section(run: Mapping[str, Any], anchor: str, n_pca_conditions: int) -> 
             )
             png = figures.pca_predicted_vs_real(needed["predictions"], needed["truth"], needed["pca"], shown, control)
             parts.append(_img(png, f"PCA predicted vs real {dataset} {model}"))
-    parts.append("</section>")
+    parts.append("</details></section>")
     return "\n".join(parts)
 
 
-def _distribution_section(dataset: str, runs: Sequence[Mapping[str, Any]]) -> str:
+def _distribution_section(dataset: str, runs: Sequence[Mapping[str, Any]], baselines: Sequence[str]) -> str:
     parts = [f"<h3>{_e(dataset)}: per-condition metric distributions</h3>"]
     available: dict[str, PathLike] = {}
     for run in runs:
@@ -331,8 +305,12 @@ def _distribution_section(dataset: str, runs: Sequence[Mapping[str, Any]]) -> st
     if not available:
         parts.append(_note("Metric distributions skipped: no run of this dataset has per-condition metrics."))
         return "\n".join(parts)
+    pngs = []
     for metric in DISTRIBUTION_METRICS:
-        parts.append(_img(figures.metric_distribution(available, metric), f"{metric} distribution {dataset}"))
+        higher = None if metric_direction(metric) is None else metric_direction(metric) == HIGHER
+        png = figures.metric_distribution(available, metric, baselines=baselines, higher_is_better=higher)
+        pngs.append(_img(png, f"{metric} distribution {dataset}"))
+    parts.append('<div class="figgrid">' + "".join(pngs) + "</div>")
     return "\n".join(parts)
 
 
@@ -350,6 +328,18 @@ def _group_runs(runs: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str
     return grouped
 
 
+def _leaderboard_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**run, "summaries": [run.get("metrics_csv"), run.get("perturbench_csv")]}
+        for run in runs
+    ]
+
+
+def _nav(links: Sequence[tuple[str, str]]) -> str:
+    items = " · ".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t in links)
+    return f'<nav class="contents"><p><b>Contents:</b> {items}</p></nav>'
+
+
 def build_report(
     out_html: PathLike,
     tables: Sequence[tuple[PathLike, str]],
@@ -357,8 +347,16 @@ def build_report(
     provenance: Mapping[str, Any],
     n_pca_conditions: int = 3,
     audits: Sequence[tuple[PathLike, str]] = (),
+    splits: Mapping[str, PathLike] | None = None,
+    leaderboard_metrics: Sequence[str] = LEADERBOARD_METRICS,
+    subgroup_metrics: Sequence[str] = SUBGROUP_METRICS,
+    simple_baselines: Sequence[str] = SIMPLE_BASELINES,
 ) -> None:
     """Write the self-contained HTML reproduction report, atomically.
+
+    Read top-down: per-dataset leaderboards (models x headline metrics, simple baselines marked, and
+    whether each model beats the best of them), per-subgroup means, the paper tables with their
+    statuses, per-condition distributions; then, collapsed, the per-run details and the provenance.
 
     Args:
         out_html: Destination file.
@@ -366,63 +364,96 @@ def build_report(
             :func:`perturb_repro.tables.paper_table.write_table`, ``md_or_title`` either its Markdown
             file (title and source are taken from it) or a title string.
         runs: One mapping per (dataset, model) run with keys ``dataset``, ``model`` and optional paths
-            ``metrics_csv``, ``per_condition_csv``, ``train_log_csv``, ``predictions``, ``truth``,
-            ``pca``, plus optional ``control_label`` (else inferred from the truth's conditions).
-            Missing or absent optional files are skipped with a visible note.
-        provenance: Shown verbatim in the header (e.g. config file name, config sha256, data
+            ``metrics_csv``, ``perturbench_csv``, ``per_condition_csv``, ``perturbench_per_condition_csv``,
+            ``train_log_csv``, ``predictions``, ``truth``, ``pca``, plus optional ``model_type`` (the
+            config entry's ``type``; default the model key) and ``control_label`` (else inferred from
+            the truth's conditions). Missing or absent optional files are skipped with a visible note.
+        provenance: Shown verbatim at the end (e.g. config file name, config sha256, data
             checksums, package versions); nested mappings and lists are rendered as tables/lists.
         n_pca_conditions: Number of test conditions (first in sorted order) drawn per run.
         audits: ``(csv_path, title)`` per claim audit (scFATE Table 1), shown after the tables.
+        splits: Dataset -> its split.csv (test subgroups); a dataset without one has no subgroup table.
+        leaderboard_metrics: Leaderboard columns (cell-eval and PerturBench metric names).
+        subgroup_metrics: Metrics averaged per (model, subgroup).
+        simple_baselines: Model types marked as simple baselines (the bar to beat).
 
     Raises:
         PipelineInputError: If a table CSV is missing or malformed, a run lacks dataset/model, or a
             present input file breaks its contract.
     """
-    used_ids: set[str] = {"provenance", "summary", "tables", "runs"}
+    used_ids: set[str] = {"provenance", "summary", "tables", "runs", "comparison", "distributions"}
     loaded = []
     for csv_path, md_or_title in tables:
         frame = _read_table_csv(csv_path)
         title, source = _table_heading(csv_path, md_or_title)
         loaded.append((frame, title, source, _anchor("table", title, used_ids)))
     grouped = _group_runs(runs)
+    splits = dict(splits or {})
+    nav: list[tuple[str, str]] = []
 
-    toc = ['<nav><h2>Contents</h2><ul>', '<li><a href="#provenance">Provenance</a></li>',
-           '<li><a href="#summary">Status summary</a></li>']
-    toc += [f'<li><a href="#{_e(a)}">{_e(t)}</a></li>' for _, t, _, a in loaded]
+    body = ['<section id="comparison"><h2>Model comparison</h2>']
+    if not grouped:
+        body.append(_note("No runs were given."))
+    for dataset in sorted(grouped):
+        dataset_runs = sorted(grouped[dataset], key=lambda r: str(r["model"]))
+        baselines = [str(r["model"]) for r in dataset_runs if str(r.get("model_type") or r["model"]) in simple_baselines]
+        board = leaderboard(_leaderboard_runs(dataset_runs), leaderboard_metrics, simple_baselines)
+        anchor = _anchor("leaderboard", dataset, used_ids)
+        nav.append((anchor, f"{dataset} leaderboard"))
+        body.append(leaderboard_section(dataset, board, leaderboard_metrics, anchor))
+        anchor = _anchor("subgroups", dataset, used_ids)
+        nav.append((anchor, f"{dataset} subgroups"))
+        if _present(splits.get(dataset)):
+            per_condition = {
+                str(r["model"]): [r.get("per_condition_csv"), r.get("perturbench_per_condition_csv")] for r in dataset_runs
+            }
+            means = subgroup_means(dataset, splits[dataset], per_condition, subgroup_metrics)
+        else:
+            means = pd.DataFrame(columns=list(SUBGROUP_COLUMNS))
+        body.append(subgroup_section(dataset, means, baselines, anchor))
+    body.append("</section>")
 
-    body = [_provenance_section(provenance), _summary_section([f for f, *_ in loaded])]
+    nav += [("summary", "Paper tables")]
+    body.append(_summary_section([f for f, *_ in loaded]))
     body.append('<section id="tables"><h2>Paper tables</h2>')
     if not loaded:
         body.append(_note("No paper tables were given."))
     body += [_table_section(frame, title, source, anchor) for frame, title, source, anchor in loaded]
     for csv_path, title in audits:
         anchor = _anchor("audit", title, used_ids)
-        toc.append(f'<li><a href="#{_e(anchor)}">{_e(title)}</a></li>')
+        nav.append((anchor, "Claim audit"))
         body.append(_audit_section(csv_path, title, anchor))
     body.append("</section>")
 
-    body.append('<section id="runs"><h2>Runs</h2>')
+    nav.append(("distributions", "Per-condition distributions"))
+    body.append('<section id="distributions"><h2>Per-condition metric distributions</h2>')
+    for dataset in sorted(grouped):
+        baselines = [str(r["model"]) for r in grouped[dataset] if str(r.get("model_type") or r["model"]) in simple_baselines]
+        body.append(_distribution_section(dataset, sorted(grouped[dataset], key=lambda r: str(r["model"])), baselines))
+    body.append("</section>")
+
+    nav.append(("runs", "Runs (details)"))
+    body.append('<section id="runs"><h2>Runs: metrics, loss curves, PCA (collapsed)</h2>')
     if not grouped:
         body.append(_note("No runs were given."))
     for dataset in sorted(grouped):
         anchor = _anchor("dataset", dataset, used_ids)
-        toc.append(f'<li><a href="#{_e(anchor)}">Dataset {_e(dataset)}</a></li>')
-        body.append(f'<section id="{_e(anchor)}"><h2>Dataset {_e(dataset)}</h2>')
+        body.append(f'<section id="{_e(anchor)}"><h3>Dataset {_e(dataset)}</h3>')
         for run in sorted(grouped[dataset], key=lambda r: str(r["model"])):
             body.append(_run_section(run, _anchor("run", f"{dataset}-{run['model']}", used_ids), n_pca_conditions))
-        body.append(_distribution_section(dataset, grouped[dataset]))
         body.append("</section>")
     body.append("</section>")
-    toc.append("</ul></nav>")
+    nav.append(("provenance", "Provenance"))
+    body.append(_provenance_section(provenance))
 
     document = "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             "<title>Reproduction report</title>",
-            f"<style>{_CSS}</style></head><body>",
+            f"<style>{_CSS}{comparison.CSS}</style></head><body>",
             "<h1>Reproduction report</h1>",
-            *toc,
+            _nav(nav),
             *body,
             "</body></html>",
             "",
@@ -432,4 +463,4 @@ def build_report(
         tmp.write_text(document, encoding="utf-8")
 
 
-__all__ = ["DISTRIBUTION_METRICS", "build_report"]
+__all__ = ["DISTRIBUTION_METRICS", "LEADERBOARD_METRICS", "SIMPLE_BASELINES", "SUBGROUP_METRICS", "build_report"]

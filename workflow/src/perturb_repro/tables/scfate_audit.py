@@ -45,6 +45,7 @@ import pandas as pd
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.tables.markdown import md_bullets, md_cell, md_source_header, md_table, ordered_counts, write_csv_and_markdown
 from perturb_repro.tables.printed import format_value, is_match
+from perturb_repro.tables.scfate_fetch import FETCHED, read_fetch_status
 from perturb_repro.tables.scfate_logs import (  # noqa: F401 - re-exported: callers import the log API from here
     LogValue,
     collect_log_values,
@@ -194,27 +195,39 @@ def _check_cell(cell: AuditCell, spec: AuditSpec, values: Sequence[LogValue], ro
     return backing
 
 
-def audit_table1(spec_path: str | Path, logs_dir: str | Path | None) -> pd.DataFrame:
+def audit_table1(spec_path: str | Path, logs_dir: str | Path | None, fetch_status: str | Path | None = None) -> pd.DataFrame:
     """Check every Table 1 cell of the spec against the logs under ``logs_dir``.
 
     Args:
         spec_path: Audit spec YAML (``resources/paper_tables/scfate_table1.yaml``).
         logs_dir: Directory of saved eval logs; absent, empty or None makes every cell unverifiable.
+        fetch_status: Status file of :func:`perturb_repro.tables.scfate_fetch.fetch_hub_folder`; when
+            given it replaces ``logs_dir``: the fetched copy is audited (after its sha256 check), or,
+            when the fetch was ``unavailable``, every cell is unverifiable with the fetch's reason.
 
     Returns:
         One row per cell, columns :data:`OUTPUT_COLUMNS`. ``found_value``/``difference`` are floats in
         the printed unit (NaN when nothing was compared); ``agrees_with_card`` is a nullable boolean.
-        ``frame.attrs`` holds ``spec`` (the :class:`AuditSpec`), ``logs_dir``, ``n_files``, ``n_values``.
+        ``frame.attrs`` holds ``spec`` (the :class:`AuditSpec`), ``logs_dir``, ``n_files``, ``n_values``
+        and ``fetch`` (the fetch status, or None).
 
     Raises:
         PipelineInputError: for a bad spec, a logs path that is not a directory, or an unreadable log
             (the message names the file).
     """
     spec = load_audit_spec(spec_path)
+    fetch = read_fetch_status(fetch_status) if fetch_status else None
+    if fetch is not None:
+        logs_dir = fetch["logs_dir"] if fetch["status"] == FETCHED else None
     files = log_files(logs_dir)
     values = collect_log_values(logs_dir) if files else []
     have_logs = bool(values)
-    if logs_dir is None or str(logs_dir) == "" or not Path(logs_dir).exists():
+    if fetch is not None and fetch["status"] != FETCHED:
+        no_logs_reason = (
+            f"the authors' logs ({fetch['repo_id']}@{fetch['revision']}, {fetch['folder']}/) were not fetched: "
+            f"{fetch['reason']}; with network: snakemake --forcerun fetch_scfate_logs results/tables/scfate_table1.md"
+        )
+    elif logs_dir is None or str(logs_dir) == "" or not Path(logs_dir).exists():
         no_logs_reason = f"logs dir {logs_dir!s} does not exist" if logs_dir else "no logs dir configured"
     elif not files:
         no_logs_reason = f"no JSON/CSV logs in {logs_dir}"
@@ -249,7 +262,9 @@ def audit_table1(spec_path: str | Path, logs_dir: str | Path | None) -> pd.DataF
     frame["difference"] = frame["difference"].astype(float)
     frame["agrees_with_card"] = frame["agrees_with_card"].astype("boolean")
     frame["n_candidates"] = frame["n_candidates"].astype(int)
-    frame.attrs.update(spec=spec, logs_dir=None if logs_dir is None else str(logs_dir), n_files=len(files), n_values=len(values))
+    frame.attrs.update(
+        spec=spec, logs_dir=None if logs_dir is None else str(logs_dir), n_files=len(files), n_values=len(values), fetch=fetch
+    )
     return frame
 
 
@@ -276,7 +291,16 @@ def render_markdown(frame: pd.DataFrame, spec: AuditSpec | None = None) -> str:
         lines = md_source_header(spec.title, spec.source_seed, spec.source_section, spec.path)
     else:
         lines = ["# Table 1 audit against saved evaluation logs", ""]
-    if "logs_dir" in frame.attrs:
+    fetch = frame.attrs.get("fetch")
+    if fetch is not None:
+        where = f"{fetch['repo_id']} ({fetch.get('repo_type', 'model')} repo) at revision {fetch['revision']}"
+        if fetch["status"] == FETCHED:
+            lines += [f"Logs fetched from {md_cell(where)} (commit {md_cell(fetch.get('commit'))}), folder `{md_cell(fetch['folder'])}/`:", ""]
+            lines += md_table(["file", "sha256", "bytes"], "llr", [[f["path"], f["sha256"], f["bytes"]] for f in fetch["files"]])
+            lines += [""]
+        else:
+            lines += [f"**Logs not fetched** from {md_cell(where)}, folder `{md_cell(fetch['folder'])}/`: {md_cell(fetch['reason'])}", ""]
+    if frame.attrs.get("logs_dir") is not None or (fetch is None and "logs_dir" in frame.attrs):
         lines += [
             f"Logs: `{md_cell(frame.attrs['logs_dir'])}` ({frame.attrs.get('n_files', 0)} JSON/CSV file(s), "
             f"{frame.attrs.get('n_values', 0)} numeric value(s))",
@@ -341,11 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--spec", required=True, help="audit spec YAML (resources/paper_tables/scfate_table1.yaml)")
     parser.add_argument("--logs", default="", help="directory of saved eval logs; absent/empty -> every cell unverifiable")
+    parser.add_argument("--fetch-status", default="", help="status file of the Hugging Face fetch (replaces --logs)")
     parser.add_argument("--csv", required=True, help="output CSV")
     parser.add_argument("--md", required=True, help="output Markdown")
     args = parser.parse_args(argv)
     try:
-        frame = audit_table1(args.spec, args.logs or None)
+        frame = audit_table1(args.spec, args.logs or None, args.fetch_status or None)
         write_audit(frame, args.csv, args.md)
     except PipelineInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
