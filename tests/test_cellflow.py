@@ -1,5 +1,6 @@
-"""CellFlow through cellflow-tools: the one-compile Euler sampler equals CellFlow.predict, checkpoints
-reload, and an interrupted run resumes to the same weights as an uninterrupted one."""
+"""CellFlow through cellflow-tools: the one-compile sampler (Euler, or the card's adaptive Tsit5) equals
+CellFlow.predict, checkpoints reload, an interrupted run resumes to the same weights as an uninterrupted one,
+and the sampling seed matters."""
 
 
 import diffrax
@@ -72,6 +73,61 @@ def test_euler_sampler_equals_cellflow_predict(trained, demo_processed, context)
         np.testing.assert_allclose(ours[condition], np.asarray(theirs[condition]), rtol=1e-4, atol=1e-4)
     # conditions are not all mapped to the same cells: the condition reaches the network
     assert not np.allclose(ours["KLF1"], ours["HK2"])
+
+
+def test_adaptive_solvers_match_analytic_solutions():
+    """diffrax_settings' tsit5 / dopri5 (cf.predict's PIDController rtol = atol = 1e-5) solve dy/dt = cos(t) y
+    (y(1) = y0 exp(sin 1)) to the tolerance; Euler at 4 steps is far off."""
+    y0 = jax.numpy.array([1.0, -2.0, 0.5])
+    exact = np.asarray(y0) * np.exp(np.sin(1.0))
+    term = diffrax.ODETerm(lambda t, y, args: jax.numpy.cos(t) * y)
+    errors = {}
+    for solver in ("tsit5", "dopri5", "euler"):
+        settings = cfm.diffrax_settings({"solver": solver, "steps": 4})
+        y1 = diffrax.diffeqsolve(term, t0=0.0, t1=1.0, y0=y0, **settings).ys[0]
+        errors[solver] = float(np.abs(np.asarray(y1) - exact).max())
+    assert errors["tsit5"] < 1e-4 and errors["dopri5"] < 1e-4
+    assert errors["euler"] > 100 * max(errors["tsit5"], errors["dopri5"])
+    tight = cfm.diffrax_settings({"solver": "tsit5", "rtol": 1e-9, "atol": 1e-9, "max_steps": 1000})
+    np.testing.assert_allclose(np.asarray(diffrax.diffeqsolve(term, t0=0.0, t1=1.0, y0=y0, **tight).ys[0]), exact,
+                               rtol=1e-6, atol=1e-6)  # float32 (JAX's default) floor
+    with pytest.raises(ValueError, match="solver"):
+        cfm.diffrax_settings({"solver": "rk4"})
+
+
+def test_tsit5_sampler_equals_cellflow_predict_defaults(trained, demo_processed, context):
+    """solver: tsit5 is what cf.predict does with no solver arguments (the card's run); it differs from Euler
+    at 2 steps."""
+    ckpt, _ = trained
+    cf = cfm.load_cellflow(ckpt)
+    control = demo_processed[demo_processed.obs["is_control"].to_numpy()][:30].copy()
+    conditions = ["KLF1", "HK2"]
+    ours = cfm.FlowSampler(cf, {"solver": "tsit5"}).predict(cfm._cellflow_view(control, context), conditions, context)
+    view = cfm._cellflow_view(control, context)
+    view.uns["control_label"] = "control"
+    view.uns[cfm.REP_KEY] = cfm._embedding_table(context, sorted(set(context.embeddings) | {"control"}))
+    _, _, covariates = cfm.EulerSampler(cf, 2).batches(view, conditions)
+    theirs = cf.predict(view, covariates, sample_rep="X_pca", condition_id_key="condition")
+    euler = cfm.EulerSampler(cf, 2).predict(cfm._cellflow_view(control, context), conditions, context)
+    for condition in conditions:
+        # the same adaptive solve up to where float round-off moves an accepted step (params as an argument here,
+        # closed over there): global error of the order of the tolerance
+        gap = np.abs(ours[condition] - np.asarray(theirs[condition])).max()
+        assert gap < 1e-3
+        assert np.abs(ours[condition] - euler[condition]).max() > 10 * max(gap, 1e-4)
+
+
+def test_a_different_sampling_seed_gives_different_cells(trained, demo_processed, context):
+    ckpt, _ = trained
+    control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
+    params = _params(20, 10)
+
+    def run(seed):
+        return cfm.CellFlowModel().sample(ckpt, ["KLF1"], control, 20, context, params, {"steps": 2, "seed": seed})["KLF1"]
+
+    one, again, other = run(1), run(1), run(2)
+    np.testing.assert_array_equal(one, again)
+    assert not np.allclose(one, other)
 
 
 def test_resume_reaches_the_same_weights(tmp_path, trained, context):

@@ -39,7 +39,8 @@ torch.set_num_threads(1)
 
 def test_registered():
     assert MODEL_REGISTRY["scldm"] == "perturb_repro.models.scldm:ScLDMModel"
-    assert MODEL_EXTRA_SOURCES["scldm"] == ["perturb_repro.models._scldm_nets", "perturb_repro.models._flow"]
+    assert MODEL_EXTRA_SOURCES["scldm"] == ["perturb_repro.models._scldm_nets", "perturb_repro.models._scldm_counts",
+                                         "perturb_repro.models._flow"]
 
 
 def test_paper_preset_has_the_card_values():
@@ -66,19 +67,55 @@ def test_paper_preset_has_the_card_values():
             assert "# not in paper" in line, line
 
 
+def _linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def _swiglu(e, mult):  # w1, w2: e -> h, proj: h -> e, no biases; h = 2/3 * 4e rounded up to mult
+    h = mult * -(-int(8 * e / 3) // mult)
+    return 3 * e * h
+
+
+def _attention(e, bias, kv_split=False):  # self: qkv + proj; cross: kv + q + proj
+    return _linear(e, 2 * e, bias) + 2 * _linear(e, e, bias) if kv_split else _linear(e, 3 * e, bias) + _linear(e, e, bias)
+
+
+def _expected_autoencoder(g, net):
+    """Parameters of the autoencoder by the architecture (module doc of _scldm_nets), counted by hand."""
+    e, m, d, n, mult, b = (net["n_embed"], net["n_inducing_points"], net["n_embed_latent"], net["n_layer"],
+                           net["multiple_of"], net["bias"])
+    block = 2 * 2 * e + _attention(e, b) + _swiglu(e, mult)                    # 2 affine LayerNorms
+    cross = 3 * 2 * e + _attention(e, b, kv_split=True) + _swiglu(e, mult)     # ln_x, ln_q, ln_2
+    softbin = _linear(1, net["softbin_hidden"]) + _linear(net["softbin_hidden"], net["softbin_bins"]) + net["softbin_bins"] * e
+    return (g * e + softbin + (m * e + cross) + n * block + _linear(e, d, b) + _linear(d, e, b) + n * block + cross
+            + _linear(e, 1) + g)  # gene embedding ... NB head + per-gene log theta
+
+
+def _expected_dit(m, d, n_perts, cov_sizes, net):
+    e, n, mult, b, f = net["n_embed"], net["n_layer"], net["multiple_of"], net["bias"], net["frequency_embedding_size"]
+    block = _attention(e, b) + _swiglu(e, mult) + _linear(e, 6 * e)  # non-affine LayerNorms; adaLN Linear has a bias
+    cond = n_perts * e + sum(cov_sizes) * e + e                       # perturbation, covariates, null vector
+    return (_linear(f, e) + _linear(e, e) + cond + _linear(d, e, b) + n * block + _linear(e, 2 * e, b)
+            + _linear(e, d, b))
+
+
 def test_paper_parameter_counts():
+    """Exact counts against the architecture formula (a DiT with one block fewer, 39.4M, must fail), and
+    within 1 % of the card's 15.2M / 44.3M."""
     p = model_params({"type": "scldm", "preset": "paper"})
+    net = p["autoencoder"]["network"]
     with torch.device("meta"):
-        ae = S.Autoencoder(p["n_genes"], p["autoencoder"]["network"])
-        net = p["autoencoder"]["network"]
+        ae = S.Autoencoder(p["n_genes"], net)
         # scLDM.CD4's condition classes (marson_hvg class_vocab_sizes): 10,571 guide targets, 4 donors, 3 time points
         dit = nets.DiT(net["n_inducing_points"], net["n_embed_latent"], 10571, [4, 3], p["flow"]["network"])
     n_ae, n_dit = nets.count_parameters(ae), nets.count_parameters(dit)
     n_cond = nets.count_parameters(dit.cond)
     print(f"\nscLDM paper preset, 3,699 genes: autoencoder {n_ae:,} parameters (card 15.2M); DiT {n_dit:,} "
           f"(card 44.3M) = {n_dit - n_cond:,} + condition embeddings {n_cond:,}")
-    assert abs(n_ae / 15.2e6 - 1) < 0.15
-    assert abs(n_dit / 44.3e6 - 1) < 0.15
+    assert n_ae == _expected_autoencoder(3699, net)
+    assert n_dit == _expected_dit(net["n_inducing_points"], net["n_embed_latent"], 10571, [4, 3], p["flow"]["network"])
+    assert abs(n_ae / 15.2e6 - 1) < 0.01
+    assert abs(n_dit / 44.3e6 - 1) < 0.01
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +172,57 @@ def test_counts_from_lognorm_are_recovered():
         S.counts_matrix(ad.AnnData(sp.csr_matrix(x)), {"source": "layer"})
 
 
+def test_nb_decoding_draws_integer_counts_with_the_nb_moments():
+    from perturb_repro.models._scldm_counts import decode_counts
+
+    rng = np.random.default_rng(0)
+    mu = np.array([[0.5, 3.0, 40.0]]).repeat(200_000, axis=0)
+    theta = np.array([[0.7, 2.0, 10.0]])
+    x = decode_counts(mu, theta, "sample", rng)
+    assert np.array_equal(x, np.round(x)) and (x >= 0).all()
+    # NB(mean mu, inverse dispersion theta): variance mu + mu^2 / theta
+    np.testing.assert_allclose(x.mean(0), mu[0], rtol=0.02)
+    np.testing.assert_allclose(x.var(0), mu[0] + mu[0] ** 2 / theta[0], rtol=0.05)
+    assert decode_counts(mu, theta, "mean", rng) is mu
+
+
+def test_library_sizes_are_drawn_per_context(tmp_path):
+    """library: context draws log L ~ Normal(mean, sd of the context's log train libraries) (upstream's
+    compute_log_size_factors: np.mean / np.std of log totals); unit x L keeps a train cell's unit x library."""
+    import anndata as ad
+    from perturb_repro.models import _scldm_counts as C
+
+    rng = np.random.default_rng(1)
+    n = 400
+    donor = np.where(np.arange(n) % 2, "d1", "d2")
+    time = np.where(np.arange(n) % 4 < 2, "t0", "t8")
+    scale = np.where(donor == "d1", 5.0, 60.0) * np.where(time == "t0", 1.0, 3.0)
+    counts = rng.poisson(scale[:, None] * rng.gamma(2.0, 0.5, size=(n, 30)) * rng.uniform(0.3, 3, (n, 1)))
+    counts[:, 0] += 1
+    total = counts.sum(1) + rng.integers(100, 1000, n)
+    a = ad.AnnData(sp.csr_matrix(np.log1p(counts / total[:, None] * 1e4).astype(np.float32)))
+    a.obs["experimental_perturbation_time_point"], a.obs["donor_id"] = time, donor
+    columns = ["experimental_perturbation_time_point", "donor_id"]
+    a.layers["counts"] = sp.csr_matrix(counts.astype(np.float32))
+    c = S.counts_matrix(a, {"source": "layer"})
+    tmp = tmp_path
+    C.write_decode_library(tmp / C.DECODE_LIBRARY_FILE, a, c, columns)
+    lib = counts.sum(1).astype(np.float64)
+    keys = np.array([f"{t}_{d}" for t, d in zip(time, donor)], dtype=object)
+    for key in ("t0_d1", "t8_d2", "t8_d1"):
+        ref = np.log(lib[keys == key])
+        draw_l, draw_u = C.draw_library(tmp, "context", np.array([key] * 20_000, dtype=object), rng)
+        got = np.log(draw_l[:, 0])
+        assert abs(got.mean() - ref.mean()) < 0.02 and abs(got.std() / ref.std() - 1) < 0.03, key
+        products = np.unique(1e4 * lib[keys == key] / total[keys == key])  # target_sum x panel fraction
+        nearest = np.abs(draw_l * draw_u / products[None, :] - 1).min(axis=1)
+        assert nearest.max() < 1e-5  # (X is float32)
+    pooled = np.log(C.draw_library(tmp, "context", np.array(["t1_d9"] * 20_000, dtype=object), rng)[0][:, 0])
+    assert abs(pooled.mean() - np.log(lib).mean()) < 0.03  # an unseen context: all train cells
+    assert C.library_columns({"covariates": ["donor_id"]}) == ["donor_id"]
+    assert C.library_columns({"covariates": ["donor_id"], "library_context": []}) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # guidance and integrator
 
@@ -185,6 +273,70 @@ def test_euler_on_linear_ode_matches_closed_form():
             expected = x0.abs().max().item() * np.exp(a) * a * a / (2 * k)
             assert 0.7 < err / expected < 1.3, (a, k, err, expected)
         assert all(1.8 < errors[k] / errors[2 * k] < 2.2 for k in (10, 20, 40, 80))
+
+
+def _upstream_lr_factor(step, total, final=0.1, init_div=100):
+    """scLDM.CD4's wsd_schedule with fract_decay 1 and num_warmup_steps = int(0.1 * total)
+    (src/scg_vae/_utils.py, _train_utils.setup_datamodule_and_steps), written out here."""
+    warm = int(0.1 * total)
+    if step < warm:
+        return step / warm + (1 - step / warm) / init_div
+    if step < total:
+        return final + (1 - final) * 0.5 * (1 + np.cos(np.pi * (step - warm) / (total - warm)))
+    return final
+
+
+def test_paper_lr_warms_up_over_ten_percent_in_both_stages():
+    p = model_params({"type": "scldm", "preset": "paper"})
+    for stage in (p["autoencoder"]["training"], p["flow"]["training"]):
+        for total in (107, 1000):  # 107: int(10.7) = 10 warm-up updates, as upstream (round would give 11)
+            w = torch.nn.Linear(2, 1)
+            opt = S._optimizer(w, stage)
+            sched = S._schedule(opt, stage, total)
+            seen = []
+            for _ in range(total):
+                seen.append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+            expected = [stage["learning_rate"] * _upstream_lr_factor(s, total) for s in range(total)]
+            np.testing.assert_allclose(seen, expected, rtol=1e-12)
+            assert seen[0] == pytest.approx(stage["learning_rate"] / 100)
+            assert seen[int(0.1 * total)] == pytest.approx(stage["learning_rate"])
+
+
+def test_paper_preset_decodes_and_samples_as_upstream():
+    """Upstream generation: NB counts, per-(time point, donor) log size factors, raw DiT weights, 50 timesteps;
+    the preset's sampling block sits between the global sampling and a model entry's own."""
+    from perturb_repro.config import sampling_settings, training_params
+
+    p = model_params({"type": "scldm", "preset": "paper"})
+    assert (p["decode"], p["library"], p["sample_weights"]) == ("sample", "context", "raw")
+    assert p["library_context"] == ["experimental_perturbation_time_point", "donor_id"]
+    assert p["sampling"]["steps"] == 50 and p["sampling"]["solver"] == "euler"
+    glob = {"steps": 100, "n_cells_per_condition": 10, "seed": 0}
+    assert sampling_settings(glob, {"type": "scldm"}, p)["steps"] == 50
+    assert sampling_settings(glob, {"type": "scldm", "sampling": {"steps": 7, "solver": "dopri5"}}, p)["steps"] == 7
+    assert sampling_settings(glob, {"type": "cellflow"}, model_params({"type": "cellflow", "preset": "paper"}))["steps"] == 100
+    assert "sampling" not in training_params(p)
+
+
+def test_dopri5_matches_analytic_solutions_and_differs_from_euler():
+    from perturb_repro.models._flow import integrate
+
+    x0 = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, 4.0]], dtype=torch.float64)
+    # dx/dt = cos(t) x  =>  x(1) = x0 exp(sin 1); dx/dt = a x => x0 e^a
+    cases = [(lambda x, t: torch.cos(t)[:, None] * x, x0 * np.exp(np.sin(1.0))),
+             (lambda x, t: -1.5 * x, x0 * np.exp(-1.5))]
+    for f, exact in cases:
+        tight = integrate(f, x0, {"solver": "dopri5", "steps": 50, "rtol": 1e-10, "atol": 1e-12})
+        torch.testing.assert_close(tight, exact, rtol=1e-8, atol=1e-9)
+        loose = integrate(f, x0, {"solver": "dopri5", "steps": 50})  # upstream's rtol 1e-3, atol 1e-6
+        assert (loose - exact).abs().max() < 1e-3
+        euler = integrate(f, x0, {"solver": "euler", "steps": 4})
+        assert (euler - exact).abs().max() > 20 * (loose - exact).abs().max()
+        assert torch.equal(euler, nets.euler_integrate(f, x0, 4))
+    with pytest.raises(ValueError, match="solver"):
+        integrate(cases[0][0], x0, {"solver": "tsit5"})
 
 
 def test_lr_schedule_warmup_and_cosine():
@@ -282,10 +434,14 @@ def test_resume_both_stages_bit_identical(tmp_path, small_train, context, monkey
     assert json.loads((part / "fm" / S.STATE_FILE).read_text())["step"] == 2
     assert not (part / "fm" / S.DIT_WEIGHTS).exists()
     model.fit(small_train, None, context, params, part / "fm")
-    assert _same(_weights(full / "fm" / S.DIT_WEIGHTS), _weights(part / "fm" / S.DIT_WEIGHTS))  # EMA weights
+    saved_full = torch.load(full / "fm" / S.DIT_WEIGHTS, weights_only=True)
+    saved_part = torch.load(part / "fm" / S.DIT_WEIGHTS, weights_only=True)
+    assert _same(saved_full["model"], saved_part["model"]) and _same(saved_full["ema"], saved_part["ema"])
     fa = torch.load(full / "fm" / S.FM_TRAIN_STATE, weights_only=True)
     fb = torch.load(part / "fm" / S.FM_TRAIN_STATE, weights_only=True)
     assert _same(fa["model"], fb["model"])
+    # the sampling weights are the raw ones (upstream samples with diffusion_model, not ema_model); EMA beside
+    assert _same(saved_full["model"], fa["model"]) and not _same(saved_full["ema"], saved_full["model"])
     # a rerun of a finished stage is a no-op; a longer run continues from the saved state
     before = (part / "fm" / S.DIT_WEIGHTS).stat().st_mtime_ns
     model.fit(small_train, None, context, params, part / "fm")
@@ -390,3 +546,58 @@ def test_paper_preset_values_are_the_cards():
     for text in ("3,699", "60 epochs", "150 epochs", "batch size 360", "weight decay 0.01", "AdamW", "cosine decay",
                  "15.2M", "44.3M", "1 node x 8 NVIDIA H100", "4 nodes x 8 NVIDIA H100"):
         assert text in card, text
+
+
+@pytest.fixture(scope="module")
+def ema_checkpoint(tmp_path_factory, small_train, context):
+    """Two stages of 3 updates each with an EMA that differs from the raw weights."""
+    path = tmp_path_factory.mktemp("scldm_ema")
+    S.ScLDMModel().fit(small_train, None, context, _params(3, 3), path)
+    return path
+
+
+def _sample(path, demo_processed, context, params, sampling, n=6, conditions=("KLF1",)):
+    control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
+    return S.ScLDMModel().sample(path, list(conditions), control, n, context, params, sampling)
+
+
+def test_sample_weights_raw_or_ema(ema_checkpoint, demo_processed, context):
+    saved = torch.load(ema_checkpoint / S.DIT_WEIGHTS, weights_only=True)
+    raw, _ = S.load_dit(ema_checkpoint, weights="raw")
+    ema, _ = S.load_dit(ema_checkpoint, weights="ema")
+    assert _same(raw.state_dict(), saved["model"]) and _same(ema.state_dict(), saved["ema"])
+    sampling = {"steps": 3, "seed": 0}
+    a = _sample(ema_checkpoint, demo_processed, context, _params(3, 3, sample_weights="raw"), sampling)["KLF1"]
+    b = _sample(ema_checkpoint, demo_processed, context, _params(3, 3, sample_weights="ema"), sampling)["KLF1"]
+    assert not np.allclose(a, b)
+    with pytest.raises(ValueError, match="sample_weights"):
+        S.load_dit(ema_checkpoint, weights="shadow")
+
+
+def test_a_different_sampling_seed_gives_different_cells(ema_checkpoint, demo_processed, context):
+    for extra in ({}, {"decode": "sample", "library": "context"}):
+        params = _params(3, 3, **extra)
+        one = _sample(ema_checkpoint, demo_processed, context, params, {"steps": 3, "seed": 1})["KLF1"]
+        again = _sample(ema_checkpoint, demo_processed, context, params, {"steps": 3, "seed": 1})["KLF1"]
+        other = _sample(ema_checkpoint, demo_processed, context, params, {"steps": 3, "seed": 2})["KLF1"]
+        np.testing.assert_array_equal(one, again)
+        assert not np.allclose(one, other)
+
+
+def test_paper_decoding_and_dopri5_run_end_to_end(ema_checkpoint, demo_processed, context):
+    """decode: sample + library: context on the demo (context = the covariate column) gives count-derived cells:
+    X = log1p(counts x unit) with integer counts, so each cell's non-zero expm1(X) are integer multiples of
+    its smallest; dopri5 differs from Euler at 2 steps."""
+    params = _params(3, 3, decode="sample", library="context")
+    assert (ema_checkpoint / S.DECODE_LIBRARY_FILE).exists()
+    x = _sample(ema_checkpoint, demo_processed, context, params, {"steps": 2, "seed": 0}, n=20)["KLF1"]
+    assert np.isfinite(x).all() and (x >= 0).all()
+    for row in np.expm1(x.astype(np.float64)):
+        v = row[row > 0]
+        if v.size:
+            ratio = v / v.min()
+            assert np.allclose(ratio, np.round(ratio), atol=1e-3 * ratio.max())  # a common unit: counts
+    euler = _sample(ema_checkpoint, demo_processed, context, _params(3, 3), {"steps": 2, "seed": 0})["KLF1"]
+    dopri = _sample(ema_checkpoint, demo_processed, context, _params(3, 3), {"steps": 2, "seed": 0,
+                                                                              "solver": "dopri5"})["KLF1"]
+    assert np.isfinite(dopri).all() and not np.allclose(euler, dopri)

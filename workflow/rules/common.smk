@@ -5,7 +5,7 @@ import re
 
 from snakemake.utils import validate
 
-from perturb_repro.config import model_params, run_pairs
+from perturb_repro.config import model_params, run_pairs, sampling_settings, training_params
 from perturb_repro.models.base import MODEL_EXTRA_SOURCES, MODEL_REGISTRY
 from perturb_repro.targets import NON_DATASET_DIRS, NON_MODEL_DIRS
 
@@ -157,7 +157,9 @@ def model_cfg(model):
 
 
 def params_of(model, dataset):
-    return model_params(config["models"][model], dataset=dataset)
+    """Hyper-parameters without the preset's `sampling` block (that goes into sampling_of): a sampler change
+    does not retrain."""
+    return training_params(model_params(config["models"][model], dataset=dataset))
 
 
 def checkpoint_owner(model):
@@ -165,9 +167,12 @@ def checkpoint_owner(model):
     return config["models"][model].get("shares_checkpoint_with") or model
 
 
-def sampling_of(model):
-    """Global sampling settings with this model entry's own settings on top."""
-    return {**config["sampling"], **config["models"][model].get("sampling", {})}
+def sampling_of(model, dataset=None):
+    """Global sampling settings, then the preset's `sampling` block on `dataset` (none without one), then the
+    model entry's own settings (perturb_repro.config.sampling_settings)."""
+    entry = config["models"][model]
+    preset = model_params(entry, dataset=dataset) if dataset is not None else None
+    return sampling_settings(config["sampling"], entry, preset)
 
 
 def params_hash(model, dataset):
@@ -368,10 +373,10 @@ def sampling_shards(model):
     return int(sampling_of(model)["shards"])
 
 
-def sampler_of(model):
+def sampler_of(model, dataset=None):
     """sampling_of without `shards` (how the work is split, not how a cell is drawn): the sampling jobs' params,
     so changing the shard count does not make Snakemake think the sampler changed."""
-    return {k: v for k, v in sampling_of(model).items() if k != "shards"}
+    return {k: v for k, v in sampling_of(model, dataset).items() if k != "shards"}
 
 
 SHARDED_MODELS = sorted(m for m in config["models"] if sampling_shards(m) > 1)

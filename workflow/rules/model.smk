@@ -109,7 +109,7 @@ rule sample_model:
     params:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
-        sampling=lambda w: sampler_of(w.model),
+        sampling=lambda w: sampler_of(w.model, w.dataset),
     log:
         "logs/sample/{dataset}/{model}.log",
     benchmark:
@@ -149,7 +149,7 @@ rule merge_predictions:
         "results/{dataset}/{model}/predictions.h5ad",
     params:
         model_cfg=lambda w: model_cfg(w.model),
-        sampling=lambda w: sampler_of(w.model),
+        sampling=lambda w: sampler_of(w.model, w.dataset),
     log:
         "logs/merge_predictions/{dataset}/{model}.log",
     benchmark:

@@ -96,7 +96,7 @@ rule provenance:
             "dataset": dataset_cfg(w.dataset),
             "model": model_cfg(w.model),
             "params": params_of(w.model, w.dataset),
-            "sampling": sampling_of(w.model),
+            "sampling": sampling_of(w.model, w.dataset),
             "scoring": config["scoring"],
             "esm2": config["esm2"],
         },

@@ -49,6 +49,24 @@ def model_params(
     return deep_merge(params, model_cfg.get("overrides") or {})
 
 
+PRESET_SAMPLING_KEY = "sampling"  # a preset's own sampler settings (e.g. scLDM's 50 timesteps), not a training key
+
+
+def training_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's parameters without its preset's ``sampling`` block: what training jobs see (a sampler change
+    does not retrain), and what sample() gets beside the merged sampling settings."""
+    return {k: v for k, v in params.items() if k != PRESET_SAMPLING_KEY}
+
+
+def sampling_settings(
+    global_sampling: Mapping[str, Any], model_cfg: Mapping[str, Any], params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The sampler of one model entry: the global ``sampling``, then its preset's ``sampling`` block (the
+    paper's sampler, e.g. scLDM.CD4's 50 timesteps), then the entry's own ``sampling``."""
+    preset = dict((params or {}).get(PRESET_SAMPLING_KEY) or {})
+    return {**global_sampling, **preset, **(model_cfg.get("sampling") or {})}
+
+
 def run_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every configured (dataset, model) pair, in config order."""
     return [(d, m) for d, cfg in config["datasets"].items() for m in cfg.get("models", [])]

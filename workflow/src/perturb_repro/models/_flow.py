@@ -1,5 +1,6 @@
 """Pieces the flow-matching models share (PRiMeFlow in gene/PCA space, scLDM in a latent space): Euler
-integration, classifier-free guidance, seeds derived from (seed, step) so a resumed run draws the same numbers."""
+integration (the pipeline's sampler) and the adaptive dopri5 of torchdiffeq (scLDM.CD4's, as an option),
+classifier-free guidance, seeds derived from (seed, step) so a resumed run draws the same numbers."""
 
 from __future__ import annotations
 
@@ -63,6 +64,31 @@ def euler_integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0:
         t = torch.full((x.shape[0],), t0 + k * dt, dtype=x.dtype, device=x.device)
         x = x + dt * f(x, t)
     return x
+
+
+TORCH_SOLVERS = ("euler", "dopri5")
+
+
+def integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, sampling: Mapping[str, Any],
+              default_steps: int = 100) -> torch.Tensor:
+    """Solve dx/dt = f(x, t) from t = 0 to 1 with the sampler ``sampling`` names.
+
+    ``solver: euler`` (default): ``steps`` fixed Euler steps. ``solver: dopri5``: torchdiffeq's adaptive
+    Dormand-Prince 5(4) with ``rtol``/``atol`` (defaults 1e-3 / 1e-6, scLDM.CD4's ``sample_ode``), evaluated on
+    upstream's output grid linspace(0, 1, steps) (the solver's own steps do not depend on the grid; the value
+    at t = 1 is the one returned). torchdiffeq measures the error over the whole tensor, so every row of a
+    batch shares one step-size sequence (as upstream): a row's result depends a little on its batch."""
+    solver = str(sampling.get("solver") or "euler")
+    steps = int(sampling.get("steps") or default_steps)
+    if solver == "euler":
+        return euler_integrate(f, x0, steps)
+    if solver == "dopri5":
+        from torchdiffeq import odeint
+
+        grid = torch.linspace(0.0, 1.0, max(steps, 2), dtype=x0.dtype, device=x0.device)
+        rtol, atol = float(sampling.get("rtol", 1e-3)), float(sampling.get("atol", 1e-6))
+        return odeint(lambda t, x: f(x, t.expand(x.shape[0])), x0, grid, method="dopri5", rtol=rtol, atol=atol)[-1]
+    raise ValueError(f"sampling.solver must be one of {TORCH_SOLVERS} for this model, not {solver!r}")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -72,7 +72,7 @@ MODEL_EXTRA_SOURCES: dict[str, list[str]] = {
     "scgpt": ["perturb_repro.models._scgpt_loading", "perturb_repro.models.scgpt_network",
               "perturb_repro.models.scgpt_tokens", "perturb_repro.models.scgpt_training"],
     "primeflow": ["perturb_repro.models._unet1d", "perturb_repro.models._flow"],
-    "scldm": ["perturb_repro.models._scldm_nets", "perturb_repro.models._flow"],
+    "scldm": ["perturb_repro.models._scldm_nets", "perturb_repro.models._scldm_counts", "perturb_repro.models._flow"],
     "cpa": ["perturb_repro.models.perturbench_baselines"],
     "biolord": ["perturb_repro.models.cpa", "perturb_repro.models.perturbench_baselines"],
     "sams_vae": ["perturb_repro.models.perturbench_baselines"],

@@ -3,8 +3,10 @@
 The network, OT-coupled flow matching and data handling are cellflow's own; this wrapper adds
 what a pipeline job needs around them: PCA-space inputs from the train-fitted basis, ESM2 gene
 embeddings as perturbation representations, a training loop with resumable checkpoints, and a
-sampler that compiles one Euler ODE solve for all conditions (``CellFlow.predict`` re-traces it for
-every condition).
+sampler that compiles one ODE solve for all conditions (``CellFlow.predict`` re-traces it for every
+condition): fixed-step Euler (``sampling.solver: euler``, the pipeline's) or the adaptive solver the
+card's run used through ``cf.predict``'s defaults (``tsit5``: diffrax Tsit5, PIDController rtol = atol =
+1e-5, dt0 None), or ``dopri5`` (diffrax Dopri5, same controller).
 """
 
 from __future__ import annotations
@@ -170,25 +172,48 @@ class CellFlowModel:
         pick = rng.choice(n_ctrl, size=n_cells, replace=n_cells > n_ctrl)
         source = control[np.flatnonzero(control.obs[IS_CONTROL].to_numpy())[pick]].copy()
         source.obs_names_make_unique()  # drawn with replacement when n_cells exceeds the controls
-        z = EulerSampler(cf, int(sampling["steps"])).predict(_cellflow_view(source, context), conditions, context)
+        z = FlowSampler(cf, sampling).predict(_cellflow_view(source, context), conditions, context)
         return {c: context.pca.inverse(z[c]) for c in conditions}
 
 
-class EulerSampler:
-    """Integrates CellFlow's learned ODE from t=0 to 1 with fixed Euler steps.
+SOLVERS = ("euler", "tsit5", "dopri5")
+
+
+def diffrax_settings(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """``diffrax.diffeqsolve`` keyword arguments of the sampler ``sampling`` names: ``euler`` with ``steps``
+    constant steps, or ``tsit5`` / ``dopri5`` with cf.predict's controller (PIDController, rtol/atol 1e-5 unless
+    given; dt0 None: diffrax picks the first step) and ``max_steps`` (diffrax's 4096 unless given)."""
+    import diffrax
+
+    solver = str(sampling.get("solver") or "euler")
+    if solver == "euler":
+        return {"solver": diffrax.Euler(), "dt0": 1.0 / int(sampling["steps"]),
+                "stepsize_controller": diffrax.ConstantStepSize()}
+    if solver in ("tsit5", "dopri5"):
+        controller = diffrax.PIDController(rtol=float(sampling.get("rtol", 1e-5)), atol=float(sampling.get("atol", 1e-5)))
+        kwargs = {"solver": diffrax.Tsit5() if solver == "tsit5" else diffrax.Dopri5(), "dt0": None,
+                  "stepsize_controller": controller}
+        if sampling.get("max_steps"):
+            kwargs["max_steps"] = int(sampling["max_steps"])
+        return kwargs
+    raise ValueError(f"sampling.solver must be one of {SOLVERS} for CellFlow, not {solver!r}")
+
+
+class FlowSampler:
+    """Integrates CellFlow's learned ODE from t=0 to 1 with the sampler ``sampling`` names (``diffrax_settings``).
 
     One jitted, vmapped solve serves every condition (their source and condition arrays share
-    shapes), so compilation happens once instead of once per condition. The vector field and
-    solver settings are the ones ``OTFlowMatching.predict`` uses.
+    shapes), so compilation happens once instead of once per condition. The vector field is the one
+    ``OTFlowMatching.predict`` uses; under vmap each cell's adaptive solve takes its own steps, as there.
     """
 
-    def __init__(self, cf, steps: int) -> None:
+    def __init__(self, cf, sampling: Mapping[str, Any]) -> None:
         import diffrax
         import jax
         import jax.numpy as jnp
 
         self.cf = cf
-        self.steps = steps
+        settings = diffrax_settings(sampling)
         solver = cf.solver
         apply_fn = solver.vf_state.apply_fn
 
@@ -198,14 +223,7 @@ class EulerSampler:
 
         def solve(params, x, condition, noise):
             return diffrax.diffeqsolve(
-                diffrax.ODETerm(field),
-                diffrax.Euler(),
-                t0=0.0,
-                t1=1.0,
-                dt0=1.0 / steps,
-                y0=x,
-                args=(params, condition, noise),
-                stepsize_controller=diffrax.ConstantStepSize(),
+                diffrax.ODETerm(field), t0=0.0, t1=1.0, y0=x, args=(params, condition, noise), **settings
             ).ys[0]
 
         self._solve = jax.jit(jax.vmap(solve, in_axes=[None, 0, None, None]))
@@ -230,6 +248,7 @@ class EulerSampler:
         return batch["source"], batch["condition"], covariates
 
     def predict(self, view: ad.AnnData, conditions: list[str], context: ModelContext) -> dict[str, np.ndarray]:
+        """Predicted PCA-space cells per condition."""
         view.uns["control_label"] = context.control_label
         view.uns[REP_KEY] = _embedding_table(
             context, sorted({g for c in conditions for g in genes_of(c, context.control_label)} | {context.control_label})
@@ -237,3 +256,10 @@ class EulerSampler:
         sources, conds, _ = self.batches(view, conditions)
         params = self.cf.solver.vf_state.params
         return {c: np.asarray(self._solve(params, sources[c], conds[c], self._noise)) for c in conditions}
+
+
+class EulerSampler(FlowSampler):
+    """``FlowSampler`` with ``steps`` fixed Euler steps."""
+
+    def __init__(self, cf, steps: int) -> None:
+        super().__init__(cf, {"solver": "euler", "steps": steps})

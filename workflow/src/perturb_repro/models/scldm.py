@@ -25,18 +25,23 @@ Two stages, two separately callable entry points (two Snakemake rules / cluster 
    probability ``flow.cfg_dropout_prob`` the whole condition is replaced by a learned null vector.
    The autoencoder's weights are copied into ``checkpoint_dir`` so ``sample`` needs only that dir.
 
-``sample``: Euler steps (``sampling["steps"]``) from Gaussian noise with guidance weight
+``sample``: integrates from Gaussian noise with the sampler ``sampling`` names (``solver: euler``, the
+pipeline's, ``steps`` fixed steps; ``solver: dopri5``, the card's, torchdiffeq adaptive with ``rtol``/``atol``;
+the paper preset's ``sampling`` block gives upstream's 50 timesteps), guidance weight
 ``sampling["cfg_weight"]`` (else ``sampling["guidance_weight"]``, else ``params["cfg_weight"]``,
-upstream default 1.0), decode through the autoencoder to NB means mu = softmax x library (``decode:
-mean``) or NB counts drawn with that mean (``decode: sample``, as upstream's generation), then
-log-normalise. ``normalise: panel`` is normalize_total(``counts.target_sum``) over the gene panel +
+upstream default 1.0), with the DiT's raw weights (``sample_weights: raw``, upstream's
+``LatentDiffusion.sample``) or its EMA (``ema``); decodes through the autoencoder to NB counts drawn with
+mean mu = softmax x library (``decode: sample``, upstream's ``nb.sample()``) or to the NB means
+(``decode: mean``), then log-normalises. The library: ``library: context`` (upstream) draws log L from a
+normal with the mean/sd of log panel library of the train cells of the generated cell's context (the joint
+value of the ``library_context`` columns, upstream time point x donor); ``train_cell`` takes a random train
+cell's of any context (see ``_scldm_counts.draw_library``). ``normalise: panel`` is normalize_total(``counts.target_sum``) over the gene panel +
 log1p (for NB means: log1p(softmax x target_sum)). ``normalise: data`` (default) uses the data's
 own convention instead: processed X is log1p(counts x target_sum / whole-transcriptome total) with
 the total taken BEFORE gene selection (on the demo panel ~126 of ~20,000 counts per cell), so
 normalising over the panel would put generated cells on a ~150x larger scale than the real ones;
-each generated cell therefore takes the (panel library, unit = target_sum / total) pair of a random
-train cell and is x = log1p(mu x unit). Library sizes are resampled from train cells (upstream
-draws log size factors from per-condition normals). Covariates of the generated cells are copied
+each generated cell therefore is x = log1p(counts x unit), unit = target_sum / total of a train cell
+(scaled to the drawn library). Covariates of the generated cells are copied
 from randomly drawn control cells (like the other flow models here).
 
 Counts (``params.counts``): ``source: layer`` reads ``adata.layers[counts.layer]``;
@@ -54,8 +59,9 @@ each cell's expressed genes (upstream ``sample_genes: expressed``; padding is ma
 upstream's learned mask token) -- with all genes as tokens the tiny model's latent collapsed on the
 sparse demo cells (~15 non-zero of 500 genes); latents are not rescaled (the encoder's last
 LayerNorm makes each token zero-mean/unit-variance); epochs are converted to optimiser updates as
-ceil(epochs * n_train / global_batch_size); EMA of the DiT (upstream ldm_base) is optional and
-used for sampling when on.
+ceil(epochs * n_train / global_batch_size) (upstream: epochs x floor(n_train / global batch)); EMA of
+the DiT (upstream ldm_base) is optional, saved beside the raw weights, and sampled from only with
+``sample_weights: ema``.
 
 Training runs through the shared trainer (``perturb_repro.trainer``): device, precision (preset key
 ``precision``; bf16/fp16 only on CUDA, CPU stays fp32), gradient clipping, the LR schedule (``lr_factor``
@@ -90,11 +96,13 @@ from ..distributed import current_world
 from ..io import atomic_path, write_text
 from ..trainer import EMA, STATE_FILE as TRAINER_STATE_FILE
 from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, lambda_schedule, resolve_device
-from ._flow import euler_integrate, guided_velocity
+from ._flow import guided_velocity, integrate
 from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
 from ._flow import step_seed as _step_seed
+from ._scldm_counts import (DECODE_LIBRARY_FILE, LIBRARY_FILE, _has_decode_library, context_keys, counts_matrix, decode_counts,
+                            draw_library, library_columns, log_normalize, normalisation_units, write_decode_library)
 from ._scldm_nets import Autoencoder, DiT, nb_loss
 from .base import ModelContext
 
@@ -102,7 +110,6 @@ from .base import ModelContext
 AE_META_FILE = "meta.json"
 AE_TRAIN_STATE = TRAINER_STATE_FILE  # the shared trainer's state (model, optimiser, schedule, EMA, step)
 AE_WEIGHTS = "autoencoder.pt"       # final weights, written once stage 1 is complete
-LIBRARY_FILE = "library.npy"        # train cells' (panel library size, normalisation unit), for decoding
 # flow checkpoint directory (stage 2); also holds copies of AE_WEIGHTS, LIBRARY_FILE and
 # AUTOENCODER_META_FILE so that sample() reads only this directory
 META_FILE = "meta.json"
@@ -144,102 +151,6 @@ def _check_meta(path: Path, spec: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# counts
-
-
-def counts_matrix(adata: ad.AnnData, counts_params: Mapping[str, Any] | None) -> sp.csr_matrix:
-    """Integer-valued counts [cells, genes] (float32 CSR) per ``params.counts`` (see module doc).
-
-    ``from_lognorm`` is approximate: round(expm1(X) * total / target_sum), total from
-    ``obs[total_counts_column]``, or -- if that column is absent and ``infer_total`` (default true) --
-    inferred per cell by taking its smallest non-zero expm1(X) as one count."""
-    cp = dict(counts_params or {})
-    source = str(cp.get("source", "auto"))
-    layer = str(cp.get("layer", "counts"))
-    if source == "auto":
-        source = "layer" if layer in adata.layers else "from_lognorm"
-    if source == "layer":
-        if layer not in adata.layers:
-            raise ValueError(f"counts.source is 'layer' but adata.layers has no '{layer}' (layers: {list(adata.layers)}); "
-                             "use counts.source: from_lognorm for log-normalised-only data")
-        x = adata.layers[layer]
-        x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
-        if x.nnz and (x.data.min() < 0 or not np.allclose(x.data, np.round(x.data))):
-            raise ValueError(f"adata.layers['{layer}'] is not a count matrix (negative or non-integer values)")
-        return x
-    if source != "from_lognorm":
-        raise ValueError(f"counts.source must be layer, from_lognorm or auto, not {source!r}")
-    column = cp.get("total_counts_column", "ncounts")
-    x = sp.csr_matrix(adata.X, dtype=np.float64) if not sp.issparse(adata.X) else adata.X.tocsr().astype(np.float64)
-    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-    values = np.expm1(x.data)  # = count * target_sum / total
-    if column and column in adata.obs:
-        unit = float(cp.get("target_sum", 1e4)) / adata.obs[column].to_numpy(dtype=np.float64)
-    elif cp.get("infer_total", True):
-        # no totals column (e.g. dropped by preprocessing): unit = target_sum / total is the largest
-        # value that makes every non-zero value of the cell an integer multiple of it: the smallest
-        # value divided by k = 1, 2, ... (k > 1 when the cell's smallest count in the panel is k). A cell
-        # whose counts share a divisor d > 1 comes out divided by d (X cannot tell the two apart).
-        vmin = np.full(x.shape[0], np.inf)
-        np.minimum.at(vmin, rows, np.where(values > 0, values, np.inf))
-        vmin[~np.isfinite(vmin)] = 1.0
-        unit = vmin.copy()
-        todo = np.ones(x.shape[0], dtype=bool)
-        for k in range(1, int(cp.get("infer_max_k", 20)) + 1):
-            r = values / (vmin[rows] / k)
-            bad = np.zeros(x.shape[0], dtype=bool)
-            np.logical_or.at(bad, rows, np.abs(r - np.round(r)) > 0.05)
-            fix = todo & ~bad
-            unit[fix] = vmin[fix] / k
-            todo &= bad
-            if not todo.any():
-                break
-    else:
-        raise ValueError(f"counts.total_counts_column '{column}' is not in obs: {list(adata.obs.columns)}")
-    data = np.round(values / unit[rows])
-    out = sp.csr_matrix((data.astype(np.float32), x.indices.copy(), x.indptr.copy()), shape=x.shape)
-    out.eliminate_zeros()
-    return out
-
-
-def normalisation_units(adata: ad.AnnData, counts: sp.csr_matrix) -> np.ndarray:
-    """Per cell u with X = log1p(counts * u), i.e. u = target_sum / (the total X was normalised with).
-
-    The processed X is normalised by the cell's whole-transcriptome total before gene selection, so
-    u is not target_sum / (counts over the panel): it is read off the data as the median over the
-    cell's non-zero genes of expm1(X) / counts (cells without counts get the median of the others)."""
-    x = sp.csr_matrix(adata.X, dtype=np.float64) if not sp.issparse(adata.X) else adata.X.tocsr().astype(np.float64)
-    c = counts.tocsr().astype(np.float64)
-    xm = sp.csr_matrix(x.multiply(c > 0))
-    cm = sp.csr_matrix(c.multiply(x > 0))
-    for m in (xm, cm):
-        m.eliminate_zeros()
-        m.sort_indices()
-    if not (np.array_equal(xm.indptr, cm.indptr) and np.array_equal(xm.indices, cm.indices)):
-        raise ValueError("X and the counts disagree on which entries are non-zero")
-    ratio = np.expm1(xm.data) / cm.data
-    rows = np.repeat(np.arange(c.shape[0]), np.diff(xm.indptr))
-    order = np.lexsort((ratio, rows))  # by row, then value: a per-row median without a Python loop
-    n = np.diff(xm.indptr)
-    u = np.full(c.shape[0], np.nan)
-    has = n > 0
-    lo = xm.indptr[:-1][has] + (n[has] - 1) // 2
-    hi = xm.indptr[:-1][has] + n[has] // 2
-    u[has] = 0.5 * (ratio[order][lo] + ratio[order][hi])
-    if not has.any():
-        raise ValueError("cannot relate X to the counts: no cell has a gene non-zero in both")
-    u[~has] = np.median(u[has])
-    return u
-
-
-def log_normalize(x: np.ndarray, target_sum: float) -> np.ndarray:
-    """normalize_total(target_sum) + log1p; rows with zero total stay zero."""
-    total = x.sum(axis=1, keepdims=True)
-    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(x * scale).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------
 # training settings (the loop is the shared trainer's)
 
 
@@ -249,7 +160,7 @@ def lr_factor(step: int, total: int, schedule: Mapping[str, Any] | None) -> floa
     s = dict(schedule or {})
     if s.get("type", "cosine") == "constant":
         return 1.0
-    warm = round(float(s.get("warmup_fraction", 0.0)) * total)
+    warm = int(float(s.get("warmup_fraction", 0.0)) * total)  # upstream: int(0.1 * effective_steps)
     init_div = float(s.get("init_div_factor", 100.0))
     final = float(s.get("final_lr_factor", 0.1))
     n_decay = int(float(s.get("fract_decay", 1.0)) * total)
@@ -322,9 +233,14 @@ def _ema(module: nn.Module, training: Mapping[str, Any]) -> EMA | None:
                int(training.get("ema_update_after_step", 0)))
 
 
-def _save_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
+def _save_weights(path: Path, weights: Mapping[str, torch.Tensor],
+                  ema: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``{"model": raw weights}``, plus ``"ema"`` (the EMA shadow) when training kept one."""
+    state = {"model": dict(weights)}
+    if ema is not None:
+        state["ema"] = dict(ema)
     with atomic_path(path) as tmp:
-        torch.save({"model": dict(weights)}, tmp)
+        torch.save(state, tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,12 +367,20 @@ class _FlowTask(TrainTask):
         return F.mse_loss(v.float(), z1 - z0)
 
 
-def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[DiT, dict[str, Any]]:
+def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu",
+             weights: str = "raw") -> tuple[DiT, dict[str, Any]]:
+    """The DiT with its raw weights (``weights: raw``, what upstream's ``LatentDiffusion.sample`` uses) or the
+    EMA shadow (``ema``)."""
     checkpoint_dir = Path(checkpoint_dir)
     spec = json.loads((checkpoint_dir / META_FILE).read_text())
     dit = DiT(spec["n_tokens"], spec["latent_dim"], len(spec["vocab"]), [len(v) for v in spec["covariate_values"]],
               spec["network"])
-    dit.load_state_dict(torch.load(checkpoint_dir / DIT_WEIGHTS, map_location=device, weights_only=True)["model"])
+    state = torch.load(checkpoint_dir / DIT_WEIGHTS, map_location=device, weights_only=True)
+    key = {"raw": "model", "ema": "ema"}.get(weights)
+    if key is None or key not in state:
+        raise ValueError(f"sample_weights must be raw or ema (ema only when flow.training.ema_decay > 0); "
+                         f"{checkpoint_dir / DIT_WEIGHTS} has {sorted(state)}, asked for {weights!r}")
+    dit.load_state_dict(state[key])
     return dit.to(device).eval(), spec
 
 
@@ -544,6 +468,11 @@ class ScLDMModel:
         flow = params["flow"]
         training = flow["training"]
         total = total_steps(training, train.n_obs)
+        counts = None
+        columns = library_columns(params)
+        if current_world().is_main and not _has_decode_library(checkpoint_dir, train.n_obs, columns):
+            counts = counts_matrix(train, params.get("counts"))  # written even for a finished run (decode-only key)
+            write_decode_library(checkpoint_dir / DECODE_LIBRARY_FILE, train, counts, columns)
         if _complete(checkpoint_dir, DIT_WEIGHTS, total):
             return
         (checkpoint_dir / DIT_WEIGHTS).unlink(missing_ok=True)
@@ -551,7 +480,7 @@ class ScLDMModel:
                           fingerprint=spec, log_file=LOG_FILE)
         device = trainer.device
         ae, _ = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
-        counts = counts_matrix(train, params.get("counts"))
+        counts = counts_matrix(train, params.get("counts")) if counts is None else counts
         latents = encode_cells(ae, counts, device, int(flow.get("encode_batch_size", 256)))
         del ae
         labels = train.obs[CONDITION].astype(str).to_numpy()
@@ -562,8 +491,8 @@ class ScLDMModel:
         ema = _ema(dit, training)
         task = _FlowTask(latents, tok, cov, flow, global_batch_size(training), int(context.seed))
         result = trainer.fit(dit, optimizer, task, scheduler=_schedule(optimizer, training, total), ema=ema)
-        if trainer.is_main:  # sampling weights: the EMA shadow when the preset has EMA
-            _save_weights(checkpoint_dir / DIT_WEIGHTS, result.ema if result.ema is not None else dit.state_dict())
+        if trainer.is_main:  # raw weights and, when trained with one, the EMA shadow (params.sample_weights picks)
+            _save_weights(checkpoint_dir / DIT_WEIGHTS, result.module.state_dict(), result.ema)
         trainer.close()
 
     def sample(self, checkpoint_dir, conditions: list[str], control: ad.AnnData, n_cells: int, context: ModelContext,
@@ -572,8 +501,7 @@ class ScLDMModel:
         checkpoint_dir = Path(checkpoint_dir)
         device = resolve_device(str(_get(params, "flow.training.device", "auto") or "auto"), current_world())
         ae, ae_spec = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
-        dit, spec = load_dit(checkpoint_dir, device)
-        steps = int(sampling.get("steps", 100))
+        dit, spec = load_dit(checkpoint_dir, device, str(params.get("sample_weights", "raw")))
         w = sampling.get("cfg_weight", sampling.get("guidance_weight"))
         w = float(params.get("cfg_weight", 1.0) if w is None else w)
         seed = int(sampling.get("seed", 0))
@@ -583,7 +511,9 @@ class ScLDMModel:
         chunk = int(sampling.get("batch_size") or params.get("sample_batch_size") or 512)
         if w != 1.0:
             chunk = max(1, chunk // 2)
-        library = np.load(checkpoint_dir / LIBRARY_FILE)
+        theta = np.exp(ae.log_theta.detach().cpu().numpy().astype(np.float64))[None, :]
+        library_mode = str(params.get("library", "train_cell"))
+        context_columns = library_columns(params)
 
         index = {g: i for i, g in enumerate(spec["vocab"])}
         width = max([spec["max_perts"]] + [len(genes_of(c, context.control_label)) for c in conditions])
@@ -604,19 +534,14 @@ class ScLDMModel:
                 rows = []
                 for s in range(0, n_cells, chunk):
                     tok, cov = tok_all[s: s + chunk].to(device), cov_all[s: s + chunk].to(device)
-                    z = euler_integrate(lambda x, t, tok=tok, cov=cov: guided_velocity(dit, x, t, tok, cov, w),
-                                        z0_all[s: s + chunk].to(device), steps)
+                    z = integrate(lambda x, t, tok=tok, cov=cov: guided_velocity(dit, x, t, tok, cov, w),
+                                  z0_all[s: s + chunk].to(device), sampling)
                     rows.append(torch.softmax(ae.decode_logits(z).float(), dim=-1).cpu().numpy().astype(np.float64))
                 p = np.concatenate(rows) if rows else np.zeros((0, len(ae_spec["genes"])))
-                draw = library[rng.integers(0, len(library), size=n_cells)]  # (panel library, unit) of train cells
-                lib, unit = draw[:, :1], draw[:, 1:]
-                if decode == "mean":
-                    mu = p * lib
-                elif decode == "sample":
-                    theta = np.exp(ae.log_theta.detach().cpu().numpy().astype(np.float64))[None, :]
-                    mu = rng.poisson(rng.gamma(theta, p * lib / theta)).astype(np.float64)
-                else:
-                    raise ValueError(f"decode must be mean or sample, not {decode!r}")
+                keys = (context_keys(ctrl.obs.iloc[pick], context_columns) if library_mode == "context"
+                        else np.zeros(n_cells))
+                lib, unit = draw_library(checkpoint_dir, library_mode, keys, rng)
+                mu = decode_counts(p * lib, theta, decode, rng)
                 if normalise == "data":  # the data's own convention: X = log1p(counts * unit)
                     x = np.log1p(mu * unit).astype(np.float32)
                 elif normalise == "panel":  # normalize_total over the panel + log1p
