@@ -41,6 +41,14 @@ Written from PerturBench's definitions (altoslabs/perturbench, commit d357dfa, p
 * optimisation, validation, LR schedule, early stopping, best-epoch weights and resumable training
   are those of ``perturbench_baselines._PerturBenchModel`` (see its docstring).
 
+PerturBench's later release (commit ``fc13a8c``; ``model.release: neurips2025``): the decoder is
+``DeepIsotropicGaussian`` (an MLP to the mean; MSE summed over genes), training is Lightning manual optimisation with
+two Adam optimisers (generative modules / classifiers), ``n_warmup_epochs`` of reconstruction + KL only, then
+alternating generative steps (encoder trained *against* the fixed classifiers: ``- adv_weight * adv``) and
+classifier steps (adversarial loss + gradient penalty); no LR scheduler is stepped. :meth:`CPANet.step_loss` gives
+the trainer's single Adam a loss whose gradient reaches exactly the stepped optimiser's parameters, which makes the
+same updates (Adam keeps its state per parameter and skips parameters without gradient).
+
 Deviations: (1) with ``use_adversary: false`` PerturBench still *constructs* the (unused, never
 updated) classifiers; we do not, so our parameter count for noAdv excludes them
 (``upstream_parameter_count`` gives the count with them). (2) ``recon_loss`` ``nb``/``zinb`` are not

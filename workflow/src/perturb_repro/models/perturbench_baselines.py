@@ -2,42 +2,38 @@
 
 Written from PerturBench's definitions (altoslabs/perturbench, ``src/perturbench``), not copied:
 
-* inputs (``data/transforms/pipelines.py: SingleCellPipeline``): a multi-hot vector over the
-  perturbation tokens seen in the *train* split (``MultiLabelEncode(perturbation_uniques)``; a
-  combination "A+B" sets both columns) and one one-hot block per covariate column
-  (``OneHotEncode(covariate_uniques)``), concatenated in the order of ``covariates``.
-* training pairs (``data/datasets/singlecell.py: SingleCellPerturbationWithControls``): every
-  *perturbed* train cell is a target; it is paired with a control cell drawn at random from the
-  controls of the same covariate group (control cells themselves are never targets).
+* inputs (``data/transforms/pipelines.py: SingleCellPipeline``): a multi-hot vector over the perturbation tokens
+  seen in the *train* split (``MultiLabelEncode(perturbation_uniques)``; a combination "A+B" sets both columns) and
+  one one-hot block per covariate column (``OneHotEncode(covariate_uniques)``), concatenated in the order of
+  ``covariates``.
+* training pairs (``data/datasets/singlecell.py: SingleCellPerturbationWithControls``): every *perturbed* train cell
+  is a target; it is paired with a control cell drawn at random from the controls of the same covariate group
+  (control cells themselves are never targets).
 * networks (``modelcore/models/*.py``, ``modelcore/nn/mlp.py: MLP``):
   - ``LinearAdditive``: ``softplus(control + Linear([pert, covariates]))``;
   - ``LatentAdditive``: ``softplus(dec([enc([control, cov]) + pert_enc(pert), cov]))``;
   - ``DecoderOnly``: ``softplus(MLP([pert, covariates]))`` -- no control input at all.
   Softplus is optional (``softplus_output``); MLP blocks are Linear, LayerNorm without affine
   parameters, ReLU and optional Dropout.
-* loss and optimisation (``modelcore/models/base.py``, ``configs/``): MSE on gene expression,
-  ``torch.optim.Adam(lr, weight_decay=wd)``, ``ReduceLROnPlateau(factor, patience)`` stepped
-  on the validation loss once per epoch, early stopping on the validation loss
-  (``callbacks/early_stopping.yaml``) honouring ``trainer.min_epochs``, and the weights of the
-  best validation epoch are the ones used for prediction (``ModelCheckpoint(monitor=val_loss)``
-  and ``trainer.test(ckpt_path="best")`` in ``modelcore/train.py``).
-* prediction (``data/datasets/population.py: Counterfactual``): the model is applied to sampled
-  control cells with the test condition's perturbation vector, one predicted cell per control
-  cell (decoder-only ignores the control's expression, so its cells of one covariate group are
-  identical).
+* loss and optimisation (``modelcore/models/base.py``, ``configs/``): MSE on gene expression, ``torch.optim.Adam(lr,
+  weight_decay=wd)``, ``ReduceLROnPlateau(factor, patience)`` stepped on the validation loss once per epoch (or
+  none: ``model.lr_scheduler``), early stopping on the validation loss (``callbacks/early_stopping.yaml``) honouring
+  ``trainer.min_epochs``, and the weights of the best validation epoch are the ones used for prediction
+  (``ModelCheckpoint(monitor=val_loss)`` and ``trainer.test(ckpt_path="best")`` in ``modelcore/train.py``).
+* prediction (``data/datasets/population.py: Counterfactual``): the model is applied to sampled control cells with
+  the test condition's perturbation vector, one predicted cell per control cell (decoder-only ignores the control's
+  expression, so its cells of one covariate group are identical).
 
-Deviations, all forced by this pipeline: a gene never perturbed in train has no column, so it
-contributes nothing (PerturBench's ``MultiLabelEncode`` would raise on it instead); a condition
-whose genes are all unseen gets the all-zero perturbation vector, i.e. the network's output for
-an empty perturbation (not necessarily the control, since PerturBench trains on perturbed cells
-only). A covariate value unseen in train gets an all-zero one-hot block. Training is float32 (the
-paper's trainer uses 16-bit mixed precision on a GPU). Validation cells are paired with the
-validation split's own controls where it has them for their covariate group, else with train
-controls (GEARS splits put every control in train). Randomness (epoch order, control pairing,
-dropout) is drawn from generators seeded by (seed, epoch/step), so a run resumed from a
-checkpoint is bit-identical on CPU to an uninterrupted one. Training runs through the shared trainer
-(``perturb_repro.trainer``): the epoch loop is ``_EpochTask``; device, precision, data parallel,
-checkpoints and resume are the trainer's.
+Deviations, all forced by this pipeline: a gene never perturbed in train has no column, so it contributes nothing
+(PerturBench's ``MultiLabelEncode`` would raise on it instead); a condition whose genes are all unseen gets the
+all-zero perturbation vector, i.e. the network's output for an empty perturbation (not necessarily the control,
+since PerturBench trains on perturbed cells only). A covariate value unseen in train gets an all-zero one-hot block.
+Training is float32 (the paper's trainer uses 16-bit mixed precision on a GPU). Validation cells are paired with the
+validation split's own controls where it has them for their covariate group, else with train controls (GEARS splits
+put every control in train). Randomness (epoch order, control pairing, dropout) is drawn from generators seeded by
+(seed, epoch/step), so a run resumed from a checkpoint is bit-identical on CPU to an uninterrupted one. Training
+runs through the shared trainer (``perturb_repro.trainer``): the epoch loop is ``_EpochTask``; device, precision,
+data parallel, checkpoints and resume are the trainer's.
 """
 
 from __future__ import annotations

@@ -45,13 +45,19 @@ Written from PerturBench's definitions (altoslabs/perturbench, commit d357dfa, p
   (conditioned on ``z_p`` where the encoder is conditional), ``z_basal + z_p`` is decoded (dropout
   off). One predicted cell per sampled control cell.
 
-SAMS-VAE vs SAMS-VAE (S): PerturBench's tables list both. The tuned configs of the paper
+Two releases (``model.release``): ``neurips2024`` (default) is the first release described above;
+``neurips2025`` is the rewrite of PerturBench's later release (commit ``fc13a8c``), :class:`SAMSVAE2025Net`, with
+its ``sams_modified`` variant (``disable_sparsity``, ``disable_e_dist``, ``generative_counterfactual``).
+
+SAMS-VAE vs SAMS-VAE (S), first release: PerturBench's tables list both. The tuned configs of the paper
 (``configs/experiment/neurips2024/{norman19,sciplex3}/sams_best_params_*.yaml``) both set
 ``sparse_additive_mechanism: false`` -- hyper-parameter search (``configs/hpo/sams_vae_hpo.yaml``
 sweeps it) switched the sparse mask off -- and are the "SAMS-VAE" rows; "SAMS-VAE (S)" is the model
 with the sparse mechanism (mask + Bernoulli KL) kept on, as in Bereket & Karaletsos and in
 PerturBench's default ``configs/model/sams_vae.yaml``. Here that is the single switch
-``model.sparse_additive_mechanism`` of this one network (see ``config/presets/sams_vae.yaml``).
+``model.sparse_additive_mechanism`` of this one network (see ``config/presets/sams_vae.yaml``). PRiMeFlow's tables
+run the later release, where "SAMS-VAE (S)" is read as ``sams_modified`` (the reasons are in the notes of
+``resources/paper_tables/primeflow_table*.yaml``); this first-release reading stays as the ``*_s`` presets.
 
 Deviations: ``simple_latent: false`` (one latent block per perturbation) is not implemented
 (PerturBench's default and every tuned config use ``true``; it raises). Masks are PerturBench's
