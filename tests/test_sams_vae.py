@@ -295,7 +295,7 @@ def test_add_controls_selects_the_training_cells(synthetic):
 # --------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("preset", ["tiny_s", "tiny"])
+@pytest.mark.parametrize("preset", ["tiny_s", "tiny", "tiny_neurips2025", "tiny_neurips2025_modified"])
 def test_preempted_run_resumes_bit_identically(preset, synthetic, tmp_path, monkeypatch):
     train, val = synthetic
     params = _fit_params(preset, trainer={"max_epochs": 3}, training={"checkpoint_every": 4})  # 520 cells: 9 steps/epoch
@@ -325,7 +325,7 @@ def test_preempted_run_resumes_bit_identically(preset, synthetic, tmp_path, monk
 # --------------------------------------------------------------------------- demo data
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_s"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_s", "tiny_neurips2025", "tiny_neurips2025_modified"])
 def test_tiny_preset_on_demo_data(preset, demo_processed, tmp_path):
     train = demo_processed[demo_processed.obs["split"] == "train"].copy()
     val = demo_processed[demo_processed.obs["split"] == "val"].copy()
@@ -342,7 +342,7 @@ def test_tiny_preset_on_demo_data(preset, demo_processed, tmp_path):
         assert np.isfinite(pred[c]).all() and (pred[c] >= 0).all()
     info = json.loads((tmp_path / "fit.json").read_text())
     assert info["steps"] == 2 * info["steps_per_epoch"] and info["n_covariates"] == 1
-    assert info["sparse_additive_mechanism"] == (preset == "tiny_s")
+    assert info["sparse_additive_mechanism"] == (preset in ("tiny_s", "tiny_neurips2025"))  # the mask is on
 
 
 # --------------------------------------------------------------------------- the later release (fc13a8c)
