@@ -14,12 +14,9 @@ from perturb_repro.models import perturbench_baselines as pb
 from perturb_repro.models.base import ModelContext
 import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
-from fakes import SignalAfter
+from fakes import GENES, TRAIN_CONDITIONS, VAL_CONDITIONS, SignalAfter, additive_cells, train_val
 
 MODELS = {"linear": pb.LinearAdditive, "latent_additive": pb.LatentAdditive, "decoder_only": pb.DecoderOnly}
-GENES = list("ABCDEF")
-TRAIN_CONDITIONS = GENES + ["A+B", "C+D", "E+F", "A+C"]
-VAL_CONDITIONS = ["B+E", "D+F"]  # unseen combinations of seen genes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,29 +72,12 @@ def test_paper_default_counts_by_hand():
 
 
 def _synthetic(seed=0, n_cells=40, n_genes=30):
-    """Two cell types with their own baselines; each gene adds a fixed shift; combos add both."""
-    rng = np.random.default_rng(seed)
-    base = {"t1": rng.uniform(1.0, 2.0, n_genes), "t2": rng.uniform(1.5, 2.5, n_genes)}
-    delta = {g: rng.normal(0, 0.6, n_genes) * (rng.random(n_genes) < 0.5) for g in GENES}
-    blocks, obs = [], []
-    for split, conditions in [("train", ["control"] * 2 + TRAIN_CONDITIONS), ("val", VAL_CONDITIONS)]:
-        for condition in dict.fromkeys(conditions):
-            for cell_type, mu in base.items():
-                k = n_cells * (2 if condition == "control" else 1)
-                shift = sum((delta[g] for g in condition.split("+") if g != "control"), np.zeros(n_genes))
-                blocks.append(np.clip(mu + shift + rng.normal(0, 0.1, (k, n_genes)), 0, None))
-                obs += [(condition, condition == "control", split, cell_type)] * k
-    frame = pd.DataFrame(obs, columns=["condition", "is_control", "split", "cell_type"])
-    frame.index = [f"c{i}" for i in range(len(frame))]
-    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=frame)
-    adata.var_names = [f"g{i}" for i in range(n_genes)]
-    return adata
+    return additive_cells(seed, n_cells, n_genes, effect_sd=0.6)
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    adata = _synthetic()
-    return adata[adata.obs["split"] == "train"].copy(), adata[adata.obs["split"] == "val"].copy()
+    return train_val(_synthetic())
 
 
 CONTEXT = ModelContext("synthetic", "control", pca=None, embeddings={}, seed=3)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributions as D
-from fakes import SignalAfter
+from fakes import GENES, TRAIN_CONDITIONS, VAL_CONDITIONS, SignalAfter, perturbation_adata, train_val
 from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import sams_vae as sv
 from perturb_repro.models.base import MODEL_REGISTRY, ModelContext, get_model
@@ -192,9 +192,6 @@ def test_s_switch_changes_only_the_mechanism():
 
 # --------------------------------------------------------------------------- synthetic sparse mechanism
 
-GENES = list("ABCDEF")
-TRAIN_CONDITIONS = GENES + ["A+B", "C+D", "E+F", "A+C"]
-VAL_CONDITIONS = ["B+E", "D+F"]
 
 
 def _synthetic(seed=0, n_cells=40, n_genes=30, latent=6):
@@ -216,17 +213,12 @@ def _synthetic(seed=0, n_cells=40, n_genes=30, latent=6):
             x = np.log1p(np.exp(z @ w + b)) + rng.normal(0, 0.05, (k, n_genes))
             blocks.append(np.clip(x, 0, None))
             obs += [(condition, condition == "control", split, "t1")] * k
-    frame = pd.DataFrame(obs, columns=["condition", "is_control", "split", "cell_type"])
-    frame.index = [f"c{i}" for i in range(len(frame))]
-    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=frame)
-    adata.var_names = [f"g{i}" for i in range(n_genes)]
-    return adata
+    return perturbation_adata(blocks, obs)
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    adata = _synthetic()
-    return adata[adata.obs["split"] == "train"].copy(), adata[adata.obs["split"] == "val"].copy()
+    return train_val(_synthetic())
 
 
 CONTEXT = ModelContext("synthetic", "control", pca=None, embeddings={}, seed=3)
