@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from perturb_repro.config import model_params
+from perturb_repro.errors import PipelineInputError
 from seeds import needs_seeds, seed_path
 from workflow_helpers import REPO, copy_repo, snakemake
 
@@ -157,3 +158,99 @@ def test_variant_samples_from_the_owner_checkpoint(scratch):
         shares_checkpoint_with="nothing")))
     refused = snakemake(scratch, "-n", "all", "--configfile", bad)
     assert refused.returncode != 0 and "shares_checkpoint_with" in refused.stdout + refused.stderr
+
+
+# ---- model parameters: each type's schema (workflow/schemas/models/<type>.schema.yaml), checked at config load
+
+PRESET_FILES = sorted((REPO / "config" / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset_file", PRESET_FILES, ids=lambda p: p.stem)
+def test_every_preset_validates_against_its_type_schema(preset_file):
+    from perturb_repro.config import check_params
+
+    presets = yaml.safe_load(preset_file.read_text())
+    assert presets
+    for name, params in presets.items():
+        check_params(params, preset_file.stem, where=f"{preset_file.name}:{name}")
+
+
+@pytest.mark.parametrize("configfile", ["config.yaml", "demo.yaml", "cluster_smoke.yaml"])
+def test_every_model_entry_of_the_shipped_configs_validates(configfile):
+    from perturb_repro.config import check_config
+
+    check_config(yaml.safe_load((REPO / "config" / configfile).read_text()))
+
+
+@pytest.mark.parametrize(
+    "kind,override,key",
+    [
+        ("cellflow", {"training": {"valid_fre": 10}}, "training.valid_fre"),
+        ("primeflow", {"ot": {"solver": "unbalanced"}}, "ot.solver"),
+        ("scldm", {"n_gene": 3699}, "n_gene"),
+        ("linear", {"model": {"learning_rate": 0.1}}, "model.learning_rate"),
+    ],
+)
+def test_unknown_parameter_is_refused_naming_entry_preset_and_key(kind, override, key):
+    entry = {"type": kind, "preset": "tiny", "overrides": override}
+    with pytest.raises(PipelineInputError) as refused:
+        model_params(entry, dataset="norman_demo", entry=f"my_{kind}")
+    message = str(refused.value)
+    assert f"models.my_{kind}" in message and "preset 'tiny'" in message and f"config/presets/{kind}.yaml" in message
+    assert f"unknown parameter '{key}'" in message
+
+
+def test_wrong_parameter_type_is_refused():
+    with pytest.raises(PipelineInputError, match="model.lr"):
+        model_params({"type": "linear", "preset": "tiny", "overrides": {"model": {"lr": "fast"}}})
+
+
+def test_unknown_parameter_stops_the_dag_at_parse_time(scratch):
+    def typo(config):
+        config["models"]["cellflow"]["overrides"] = {"training": {"num_iteration": 5}}
+
+    result = snakemake(scratch, "-n", "all", "--configfile", _with(scratch, "unknown_param.yaml", typo))
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "models.cellflow" in out and "unknown parameter 'training.num_iteration'" in out
+
+
+def test_keys_no_code_read_before_are_read_now(tmp_path):
+    """training.valid_freq (CellFlow), ot.solver_type (PRiMeFlow) and n_genes (scLDM) change behaviour now."""
+    import anndata as ad
+    import numpy as np
+
+    from perturb_repro.models.base import ModelContext
+    from perturb_repro.models.cellflow import CellFlowModel
+    from perturb_repro.models.primeflow import ot_settings
+    from perturb_repro.models.scldm import ScLDMModel
+
+    context = ModelContext("d", "control", pca=None)
+    cellflow = model_params({"type": "cellflow", "preset": "tiny", "overrides": {"training": {"valid_freq": 10}}})
+    with pytest.raises(ValueError, match="valid_freq 10 < num_iterations"):
+        CellFlowModel().fit(None, None, context, cellflow, tmp_path / "cf")
+
+    tiny_ot = model_params({"type": "primeflow", "preset": "tiny_fm_pca_ot"})["ot"]
+    assert ot_settings(tiny_ot)["tau_a"] == 1.0
+    with pytest.raises(ValueError, match="solver_type balanced"):
+        ot_settings({**tiny_ot, "solver_type": "balanced", "tau_a": 0.9})
+    with pytest.raises(PipelineInputError, match="ot.solver_type"):
+        model_params({"type": "primeflow", "preset": "tiny", "overrides": {"ot": {"solver_type": "sinkhorn"}}})
+
+    scldm = model_params({"type": "scldm", "preset": "tiny", "overrides": {"n_genes": 3699}})
+    cells = ad.AnnData(np.zeros((4, 7), dtype=np.float32))
+    with pytest.raises(ValueError, match="n_genes is 3699 .* the data has 7 genes"):
+        ScLDMModel().fit_autoencoder(cells, None, context, scldm, tmp_path / "ae")
+
+
+def test_pretrained_file_names_come_from_the_model_specs():
+    from perturb_repro.config import check_config
+    from perturb_repro.models.base import MODEL_SPECS
+
+    assert MODEL_SPECS["scgpt"].pretrained_files == ("args.json", "vocab.json", "best_model.pt")
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["pretrained"] = {"ckpt": {"best_model.pt": {"url": "https://example.org/best_model.pt"}}}
+    check_config(config)
+    config["pretrained"]["ckpt"]["weights.bin"] = {"url": "https://example.org/weights.bin"}
+    with pytest.raises(ValueError, match="pretrained.ckpt.weights.bin is not a pretrained file of any model type"):
+        check_config(config)

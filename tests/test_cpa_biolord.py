@@ -18,6 +18,7 @@ from perturb_repro.models.cpa import CPA
 import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 
+DEMO_COVARIATES = {"covariates": ["cell_type"]}  # config/demo.yaml norman_demo covariates, which the models take
 MODELS = {"cpa": CPA, "biolord": Biolord}
 VARIANTS = [("cpa", "tiny"), ("cpa", "tiny_noadv"), ("cpa", "tiny_neurips2025"), ("cpa", "tiny_noadv_neurips2025"),
             ("biolord", "tiny")]
@@ -296,7 +297,7 @@ def test_tiny_preset_on_demo_data(kind, preset, demo_processed, tmp_path):
     val = demo_processed[demo_processed.obs["split"] == "val"].copy()
     test = demo_processed[demo_processed.obs["split"] == "test"]
     control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
-    params = deep_merge(model_params({"type": kind, "preset": preset}), {"trainer": {"max_epochs": 2}})  # speed only
+    params = deep_merge(model_params({"type": kind, "preset": preset}, dataset_cfg=DEMO_COVARIATES), {"trainer": {"max_epochs": 2}})  # speed only
     context = ModelContext("norman_demo", "control", pca=None, embeddings={}, seed=0)
     model = get_model(kind)  # through the registry
     model.fit(train, val, context, params, tmp_path)

@@ -16,6 +16,7 @@ import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 from fakes import GENES, TRAIN_CONDITIONS, VAL_CONDITIONS, SignalAfter, additive_cells, train_val
 
+DEMO_COVARIATES = {"covariates": ["cell_type"]}  # config/demo.yaml norman_demo covariates, which the models take
 MODELS = {"linear": pb.LinearAdditive, "latent_additive": pb.LatentAdditive, "decoder_only": pb.DecoderOnly}
 
 
@@ -188,7 +189,7 @@ def test_tiny_preset_on_demo_data(kind, demo_processed, tmp_path):
     val = demo_processed[demo_processed.obs["split"] == "val"].copy()
     test = demo_processed[demo_processed.obs["split"] == "test"]
     control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
-    params = deep_merge(model_params({"type": kind, "preset": "tiny"}), {"trainer": {"max_epochs": 2}})  # speed only
+    params = deep_merge(model_params({"type": kind, "preset": "tiny"}, dataset_cfg=DEMO_COVARIATES), {"trainer": {"max_epochs": 2}})  # speed only
     context = ModelContext("norman_demo", "control", pca=None, embeddings={}, seed=0)
     MODELS[kind]().fit(train, val, context, params, tmp_path)
     conditions = sorted(set(test.obs["condition"]) - {"control"})

@@ -17,6 +17,8 @@ from perturb_repro.models.base import MODEL_REGISTRY, ModelContext, get_model
 import perturb_repro.trainer as trainer_mod
 from perturb_repro.training import Preempted
 
+DEMO_COVARIATES = {"covariates": ["cell_type"]}  # config/demo.yaml norman_demo covariates, which the models take
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -323,7 +325,7 @@ def test_tiny_preset_on_demo_data(preset, demo_processed, tmp_path):
     val = demo_processed[demo_processed.obs["split"] == "val"].copy()
     test = demo_processed[demo_processed.obs["split"] == "test"]
     control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
-    params = deep_merge(model_params({"type": "sams_vae", "preset": preset}), {"trainer": {"max_epochs": 2}})  # speed only
+    params = deep_merge(model_params({"type": "sams_vae", "preset": preset}, dataset_cfg=DEMO_COVARIATES), {"trainer": {"max_epochs": 2}})  # speed only
     context = ModelContext("norman_demo", "control", pca=None, embeddings={}, seed=0)
     get_model("sams_vae").fit(train, val, context, params, tmp_path)
     conditions = sorted(set(test.obs["condition"]) - {"control"})

@@ -5,8 +5,8 @@ import re
 
 from snakemake.utils import validate
 
-from perturb_repro.config import model_params, run_pairs, sampling_settings, training_params
-from perturb_repro.models.base import MODEL_EXTRA_SOURCES, MODEL_REGISTRY
+from perturb_repro.config import check_config, model_params, run_pairs, sampling_settings, training_params
+from perturb_repro.models.base import MODEL_SPECS, spec_of
 from perturb_repro.targets import NON_DATASET_DIRS, NON_MODEL_DIRS
 
 
@@ -20,35 +20,19 @@ MODELS = sorted({m for _, m in PAIRS})
 TABLES = list(config.get("tables", {}))
 
 
-ESM2_MODELS = {"cellflow", "scgpt"}  # condition on ESM2 gene embeddings: the dataset must configure `esm2`
-ESM2_OPTIONAL_MODELS = {"primeflow"}  # ESM2 only embeds perturbations unseen in training (none for drugs)
-
-
-def _check_names():
-    for key, entry in config["models"].items():
-        if entry["type"] not in MODEL_REGISTRY:
-            raise ValueError(f"config: models.{key}.type '{entry['type']}' is not one of {sorted(MODEL_REGISTRY)}")
+def _check_embeddings():
+    """Each model's gene embedding exists, and a dataset has ESM2 sequences for the models that need them
+    (check_config, in perturb_repro/config.py, checks the rest: types, keys, presets, parameters)."""
     for dataset, model in PAIRS:
-        if model not in config["models"]:
-            raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
-        model_params(config["models"][model], dataset=dataset)  # a missing preset fails now, naming its file
         embedding = embedding_of(model)
         if embedding not in gene_embeddings():
             raise ValueError(f"config: models.{model}.gene_embedding '{embedding}' is not a key of esm2.embeddings")
         if (needs_esm2(model, dataset) and embedding_spec(embedding)["kind"] == "esm2"
                 and "esm2" not in config["datasets"][dataset]):
             raise ValueError(f"config: datasets.{dataset}.esm2 is missing, but model '{model}' needs ESM2 gene embeddings")
-        owner = config["models"][model].get("shares_checkpoint_with")
-        if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
-            raise ValueError(f"config: models.{model}.shares_checkpoint_with names '{owner}', not a model that trains")
-    for key, entry in config["models"].items():
-        for ds in entry.get("preset_by_dataset", {}):
-            if ds not in config["datasets"]:
-                raise ValueError(f"config: models.{key}.preset_by_dataset names unknown dataset '{ds}'")
-    for name, table in config.get("tables", {}).items():
-        for paper_ds, run_ds in table["datasets"].items():
-            if run_ds not in config["datasets"]:
-                raise ValueError(f"config: tables.{name}.datasets.{paper_ds} names unknown dataset '{run_ds}'")
+
+
+check_config(config)  # cross-references and every model entry's parameters (its type's schema)
 
 
 # ---- Gene embeddings (esm2.embeddings; issue 16.3/16.5, 17.4) --------------------------------------------
@@ -156,10 +140,17 @@ def model_cfg(model):
     return config["models"][model]
 
 
+def spec(model):
+    """The ModelSpec of a model key's type (perturb_repro.models.base.MODEL_SPECS)."""
+    return spec_of(config["models"][model]["type"])
+
+
 def params_of(model, dataset):
     """Hyper-parameters without the preset's `sampling` block (that goes into sampling_of): a sampler change
     does not retrain."""
-    return training_params(model_params(config["models"][model], dataset=dataset))
+    return training_params(
+        model_params(config["models"][model], dataset=dataset, dataset_cfg=config["datasets"][dataset], entry=model)
+    )
 
 
 def checkpoint_owner(model):
@@ -249,8 +240,8 @@ def model_constraint(models):
 
 
 def needs_esm2(model, dataset):
-    kind = config["models"][model]["type"]
-    return kind in ESM2_MODELS or (kind in ESM2_OPTIONAL_MODELS and "esm2" in config["datasets"][dataset])
+    need = spec(model).esm2
+    return need == "yes" or (need == "optional" and "esm2" in config["datasets"][dataset])
 
 
 def esm2_input(wildcards):
@@ -262,8 +253,7 @@ def esm2_input(wildcards):
 
 def model_source_files(model):
     """The model's code (its registry module): a change to it retrains the model."""
-    kind = config["models"][model]["type"]
-    modules = [MODEL_REGISTRY[kind].split(":")[0], *MODEL_EXTRA_SOURCES.get(kind, [])]
+    modules = [spec(model).target.split(":")[0], *spec(model).extra_sources]
     return [str(SRC.parent.joinpath(*name.split(".")).with_suffix(".py")) for name in modules]
 
 
@@ -407,21 +397,19 @@ ESM2_TINY_DIR = "results/esm2/tiny_model"
 
 
 
-PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")  # scGPT's checkpoint layout
+# Every file name a pretrained checkpoint may have (fetch_pretrained's wildcard), from the model specs.
+PRETRAINED_FILES = sorted({name for s in MODEL_SPECS.values() for name in s.pretrained_files})
 
 
 def pretrained_input(wildcards):
-    """The files of a model's pretrained checkpoint (scGPT: ``pretrained_dir``), so a fetch rule provides them."""
+    """The files of a model's pretrained checkpoint (``params.pretrained_dir``), so a fetch rule provides them."""
     directory = params_of(wildcards.model, wildcards.dataset).get("pretrained_dir")
-    return [f"{directory}/{name}" for name in PRETRAINED_FILES] if directory else []
-
-
-# Models trained in two jobs: a first stage (scLDM's autoencoder) whose output the main training job reads.
-AUTOENCODER_MODELS = {"scldm"}
+    return [f"{directory}/{name}" for name in spec(wildcards.model).pretrained_files] if directory else []
 
 
 def autoencoder_input(wildcards):
-    if config["models"][wildcards.model]["type"] in AUTOENCODER_MODELS:
+    """Models trained in two jobs (spec stages): the first stage's output is an input of the main training job."""
+    if "autoencoder" in spec(wildcards.model).stages:
         return f"results/{wildcards.dataset}/{wildcards.model}/autoencoder"
     return []
 
@@ -454,4 +442,4 @@ def celleval_inputs(w):
     return base
 
 
-_check_names()  # last: it uses the input helpers above
+_check_embeddings()  # last: it uses the input helpers above

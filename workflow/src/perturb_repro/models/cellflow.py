@@ -142,6 +142,11 @@ class CellFlowModel:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         training = params["training"]
         total = int(training["num_iterations"])
+        if int(training.get("valid_freq", total)) < total:
+            # cf.train's valid_freq: the card's value exceeds its budget (no mid-training evaluation), which is
+            # what this trainer does; a smaller one would ask for evaluations it does not run
+            raise ValueError(f"training.valid_freq {training['valid_freq']} < num_iterations {total}: mid-training "
+                             "validation is not run here (the card's valid_freq exceeds its budget)")
         every = int(training.get("checkpoint_every") or total)
         state = checkpoint_dir / STATE_FILE
         start = json.loads(state.read_text())["step"] if state.exists() and (checkpoint_dir / MODEL_FILE).exists() else 0

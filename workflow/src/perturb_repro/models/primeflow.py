@@ -396,6 +396,16 @@ def build_spec(train: ad.AnnData, context: ModelContext, params: Mapping[str, An
 # training
 
 
+def ot_settings(ot: Mapping[str, Any]) -> dict[str, Any]:
+    """ot_plan's keyword arguments from the preset's ``ot`` block. Appendix E's ``solver_type``: "balanced" is
+    tau_a = tau_b = 1; "unbalanced" relaxes the marginals by tau (ott solves tau = 1 as the balanced problem, so
+    the paper's unbalanced + tau 1.0 is balanced OT)."""
+    tau_a, tau_b = float(ot.get("tau_a", 1.0)), float(ot.get("tau_b", 1.0))
+    if ot.get("solver_type", "unbalanced") == "balanced" and (tau_a, tau_b) != (1.0, 1.0):
+        raise ValueError(f"ot.solver_type balanced needs tau_a = tau_b = 1, not {tau_a}, {tau_b}")
+    return {"epsilon": ot.get("epsilon", 0.1), "scale_cost": ot.get("scale_cost", "mean"), "tau_a": tau_a, "tau_b": tau_b}
+
+
 class _FlowTask(TrainTask):
     """Flow-matching loss of one micro-batch. Every draw (cells, noise, times, CFG drops) is made for the
     *global* micro-batch from (seed, step, micro) and each process keeps its rows, so N data-parallel
@@ -422,8 +432,7 @@ class _FlowTask(TrainTask):
         if spec["coupling"] == "ot":
             ot = params["ot"]
             self.nspc = int(ot["num_samples_per_condition"])
-            self.ot_kwargs = {"epsilon": ot.get("epsilon", 0.1), "scale_cost": ot.get("scale_cost", "mean"),
-                              "tau_a": float(ot.get("tau_a", 1.0)), "tau_b": float(ot.get("tau_b", 1.0))}
+            self.ot_kwargs = ot_settings(ot)
             self.groups, self.controls, self.group_cov = cells.groups()
             if not self.groups:
                 raise ValueError("OT coupling needs perturbed train cells")

@@ -403,6 +403,10 @@ class ScLDMModel:
                         params: Mapping[str, Any], ae_dir: Path) -> None:
         """Stage 1: train (or resume) the NB autoencoder into ``ae_dir``; complete when AE_WEIGHTS exists."""
         _threads(params)
+        if params.get("n_genes") is not None and int(params["n_genes"]) != train.n_vars:
+            # the card's fixed panel size: a dataset with another panel is not the card's run
+            raise ValueError(f"params.n_genes is {params['n_genes']} (the preset's gene panel) but the data has "
+                             f"{train.n_vars} genes; set the dataset's gene_panel or override n_genes: null")
         ae_dir = Path(ae_dir)
         ae_dir.mkdir(parents=True, exist_ok=True)
         spec = autoencoder_spec(train, params)
