@@ -384,3 +384,20 @@ def test_paper_config_gives_each_model_entry_its_own_esm2(tmp_path: Path) -> Non
     assert "resources/raw/esm2/uniprot_human_reviewed.fasta" in inputs["results/norman/embeddings/esm2_t6_8M_UR50D.npz"]
     spec = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["esm2"]["embeddings"]["esm2_t48_15B_UR50D"]
     assert spec["model"] == "facebook/esm2_t48_15B_UR50D" and spec["genes"] == "all"
+
+
+def test_unknown_embedding_name_or_pooling_stops_the_dag_naming_the_key(tmp_path: Path) -> None:
+    import yaml
+    from workflow_helpers import copy_repo, snakemake
+
+    scratch = copy_repo(tmp_path)
+    base = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    for name, edit, needle in (
+        ("name.yaml", lambda c: c["models"]["cellflow"].update(gene_embedding="nope"), "models.cellflow.gene_embedding 'nope'"),
+        ("pool.yaml", lambda c: c["esm2"]["embeddings"]["tiny"].update(pooling="first"), "first"),
+    ):
+        config = yaml.safe_load(yaml.safe_dump(base))
+        edit(config)
+        (scratch / "config" / name).write_text(yaml.safe_dump(config))
+        result = snakemake(scratch, "-n", "results/norman_demo/cellflow/metrics.csv", "--configfile", f"config/{name}")
+        assert result.returncode != 0 and needle in result.stderr + result.stdout, name

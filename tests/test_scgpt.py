@@ -559,3 +559,16 @@ def test_one_group_pairing_within_equals_pairing_across(tmp_path, small, context
     assert logs[0]["val_pearson_delta"].tolist() == logs[1]["val_pearson_delta"].tolist()
     a, b = _weights(tmp_path / "a" / sg.BEST_FILE), _weights(tmp_path / "b" / sg.BEST_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gene_prior_projects_the_table_row_for_row():
+    """Looking up projected rows equals projecting looked-up rows; row 0 ("no prior") adds nothing."""
+    prior = sg.GenePrior(5, 7, 4)
+    with torch.no_grad():
+        prior.table.copy_(torch.randn(5, 7))
+        prior.proj.weight.normal_()
+        prior.proj.bias.normal_()
+    rows = torch.tensor([[0, 3, 1], [4, 0, 2]])
+    expected = prior.table[rows] @ prior.proj.weight.T + prior.proj.bias
+    expected[rows == 0] = 0.0
+    torch.testing.assert_close(prior(rows), expected)

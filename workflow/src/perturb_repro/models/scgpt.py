@@ -39,9 +39,11 @@ What this pipeline needs beyond scGPT (each logged and recorded in the checkpoin
   not part of the loss. A gene in neither the panel nor the vocabulary is appended as ``<pad>`` with
   flag 1 ("some unknown gene"), plus its ESM2 prior when ``gene_prior: esm2``.
 * ``gene_prior: esm2`` (the card's "+ESM" run): a frozen per-gene ESM2 vector (from
-  ``context.embeddings``, which covers the dataset's perturbed genes; other genes get none) is
-  projected by a trainable linear map, zero-initialised so training starts from the pretrained
-  model's function, and added to the gene-token embedding.
+  ``context.embeddings``: every gene of the model entry's embedding file; the paper entry's
+  ``esm2_t48_15B_UR50D`` embeds every gene of the UniProt FASTA, so every vocabulary token with a sequence
+  has one, as the card's runner built its table; genes without one get none) is projected by a trainable
+  linear map, zero-initialised so training starts from the pretrained model's function, and added to the
+  gene-token embedding of every panel and perturbation token.
 * Predictions are clipped at 0 (log-expression); the validation metric uses the same predictions.
 """
 

@@ -96,7 +96,10 @@ class GenePrior(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        out = self.proj(self.table[rows])
+        # Project the table, then look rows up: the same values as proj(table[rows]) (a linear map), but with
+        # ESM2-15B's 5,120-wide rows over the whole vocabulary it avoids a (batch, 1,536, 5,120) gather and a
+        # matmul ~15x larger per step (20k table rows vs 192 x 1,536 token slots).
+        out = self.proj(self.table)[rows]
         return out * (rows > 0).unsqueeze(-1).to(out.dtype)
 
 
