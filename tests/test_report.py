@@ -285,6 +285,7 @@ def board_runs(tmp_path: Path) -> list[dict]:
         "deep": ("cellflow", 0.45, 0.030, {"pearson_delta": (0.02, 5), "mse": (0.001, 5)}),  # +0.05 > std 0.02
         "close": ("primeflow", 0.41, 0.012, {"pearson_delta": (0.03, 2), "mse": (0.0001, 2)}),  # +0.01 < std 0.03
         "weak": ("scgpt", 0.20, 0.005, None),
+        "twin": ("decoder_only", 0.40, 0.010, None),  # equal to the best baselines: a tie, not a loss
     }
     runs = []
     for model, (mtype, pd_value, mse, seeds) in values.items():
@@ -326,6 +327,7 @@ def test_leaderboard_best_baseline_seeds_and_verdicts(board_runs: list[dict]) ->
     assert verdicts[("close", "pearson_delta")] == "within seed noise"  # +0.01 within its std over seeds 0.03
     assert verdicts[("close", "mse")] == "no"  # 0.012 vs 0.010: worse by more than its std 0.0001
     assert verdicts[("weak", "mse")] == "yes" and verdicts[("weak", "pearson_delta")] == "no"
+    assert verdicts[("twin", "pearson_delta")] == "tie" and verdicts[("twin", "mse")] == "tie"
     assert verdicts[("linear", "pearson_delta")] == "n/a"  # a baseline is not judged against itself
     assert "absent_metric" not in set(board["metric"])
     # PerturBench's summary is read beside cell-eval's

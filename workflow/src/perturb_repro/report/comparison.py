@@ -13,17 +13,17 @@ from typing import Sequence
 import pandas as pd
 
 from perturb_repro.report import figures
-from perturb_repro.report.leaderboard import BEATS, HIGHER, LOSES, NOT_ASSESSED, WITHIN_NOISE, metric_direction
+from perturb_repro.report.leaderboard import BEATS, HIGHER, LOSES, NOT_ASSESSED, TIE, WITHIN_NOISE, metric_direction
 from perturb_repro.report.markup import esc, img, note
 
-_VERDICT_CLASS = {BEATS: "beats", LOSES: "loses", WITHIN_NOISE: "noise", NOT_ASSESSED: "na"}
+_VERDICT_CLASS = {BEATS: "beats", LOSES: "loses", WITHIN_NOISE: "noise", TIE: "noise", NOT_ASSESSED: "na"}
 
 CSS = """
 .figgrid { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 0.5em 1em; align-items: start; }
 .figgrid img { margin: 0; }
 tr.baseline td { background: #f3f3f3; font-style: italic; }
 td.beats { background: #c7e9c0; } td.loses { background: #fcbba1; } td.noise { background: #fff3b0; } td.na { color: #555; }
-.tag { font-size: 0.75em; font-style: normal; border: 1px solid #999; border-radius: 3px; padding: 0 0.3em; margin-left: 0.4em; color: #444; }
+.tag { white-space: nowrap; font-size: 0.75em; font-style: normal; border: 1px solid #999; border-radius: 3px; padding: 0 0.3em; margin-left: 0.4em; color: #444; }
 td.best { font-weight: 700; }
 details > summary { cursor: pointer; font-weight: 600; margin: 0.4em 0; }
 """
@@ -75,12 +75,8 @@ def leaderboard_section(dataset: str, board: pd.DataFrame, metrics: Sequence[str
     baselines = set(board.loc[board["baseline"], "model"])
     header = ["<th>model</th>"]
     for metric in shown:
-        first = cells.xs(metric, level="metric").iloc[0]
-        best = first["best_baseline"]
-        to_beat = ""
-        if isinstance(best, str):
-            to_beat = f'<br><span class="muted">best baseline: {esc(best)} {esc(_number(first["best_baseline_value"]))}</span>'
-        header.append(f"<th>{esc(metric)}{esc(_arrow(first['direction']))}{to_beat}</th>")
+        direction = cells.xs(metric, level="metric").iloc[0]["direction"]
+        header.append(f"<th>{esc(metric)}{esc(_arrow(direction))}</th>")
     header.append("<th>beats best baseline on</th>")
     rows = []
     for model in order:
@@ -96,8 +92,9 @@ def leaderboard_section(dataset: str, board: pd.DataFrame, metrics: Sequence[str
             wins += verdict == BEATS
             assessed += verdict != NOT_ASSESSED
             title = f"{verdict}: margin {r['margin']:+.3g} vs {r['best_baseline']}" if verdict != NOT_ASSESSED else verdict
+            css = _VERDICT_CLASS[verdict] + (" best" if model == r["best_baseline"] else "")  # the bar to beat
             tds.append(
-                f'<td class="num {_VERDICT_CLASS[verdict]}" title="{esc(title)}">'
+                f'<td class="num {css}" title="{esc(title)}">'
                 f"{esc(value_label(r['value'], r['seed_std'], int(r['n_seeds'])))}</td>"
             )
         tds.append(f'<td class="num">{"—" if is_baseline else f"{wins} of {assessed}"}</td>')
@@ -105,7 +102,8 @@ def leaderboard_section(dataset: str, board: pd.DataFrame, metrics: Sequence[str
     parts.append("<table><tr>" + "".join(header) + "</tr>" + "".join(rows) + "</table>")
     parts.append(
         '<p class="muted">Cell colour: green = better than the best simple baseline (control mean, additive, '
-        "linear; grey italic rows) on that metric, red = worse, yellow = within the model's std over seeds. "
+        "linear; grey italic rows; its value in bold) on that metric, red = worse, yellow = within the model's std "
+        "over seeds or a tie. "
         "↑/↓: higher/lower is better. Values are means over test conditions (and over seeds where there are "
         "seeds, ± their std).</p>"
     )

@@ -395,7 +395,7 @@ def leaderboard_bars(
     n = len(order)
     if n == 0 or not np.isfinite(vals).any():
         return _message_png(metric, "no finite values")
-    fig = Figure(figsize=(LEADERBOARD_WIDTH_IN, 0.9 + LEADERBOARD_ROW_IN * n))
+    fig = Figure(figsize=(LEADERBOARD_WIDTH_IN, 1.1 + LEADERBOARD_ROW_IN * n))  # + a two-line axis label
     ax = fig.add_subplot()
     y = np.arange(n)[::-1]  # first row at the top
     shown = np.where(np.isfinite(vals[order]), vals[order], 0.0)
@@ -407,9 +407,9 @@ def leaderboard_bars(
     seeded = np.isfinite(errs[order])  # one-seed runs get no error bar (not a zero-width one)
     if seeded.any():
         ax.errorbar(shown[seeded], y[seeded], xerr=errs[order][seeded], fmt="none", ecolor="black", elinewidth=1, capsize=2)
-    if best_baseline_value is not None and np.isfinite(best_baseline_value):
-        ax.axvline(best_baseline_value, color="black", linestyle="--", linewidth=1, label="best simple baseline")
-        ax.legend(loc="lower right", fontsize=LEADERBOARD_FONT_PT - 1, framealpha=0.8)
+    marked = best_baseline_value is not None and np.isfinite(best_baseline_value)
+    if marked:
+        ax.axvline(best_baseline_value, color="black", linestyle="--", linewidth=1)
     ax.set_yticks(y)
     labels = [f"{models[i]}" + ("" if np.isfinite(vals[i]) else " (n/a)") for i in order]
     ax.set_yticklabels(labels, fontsize=LEADERBOARD_FONT_PT)
@@ -419,7 +419,8 @@ def leaderboard_bars(
     ax.tick_params(axis="x", labelsize=LEADERBOARD_FONT_PT)
     ax.set_ylim(-0.6, n - 0.4)
     arrow = "" if higher_is_better is None else (" (higher is better)" if higher_is_better else " (lower is better)")
-    ax.set_xlabel(metric + arrow, fontsize=LEADERBOARD_FONT_PT)
+    # said in the axis label rather than a legend, which would cover bars
+    ax.set_xlabel(metric + arrow + ("\ndashed line: best simple baseline" if marked else ""), fontsize=LEADERBOARD_FONT_PT)
     ax.set_title(metric, fontsize=LEADERBOARD_FONT_PT + 1)
     ax.grid(axis="x", color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)

@@ -39,7 +39,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
 )
 
 # beats_baseline values: better than the best simple baseline by more than the run's seed std / worse / within it
-BEATS, LOSES, WITHIN_NOISE, NOT_ASSESSED = "yes", "no", "within seed noise", "n/a"
+BEATS, LOSES, TIE, WITHIN_NOISE, NOT_ASSESSED = "yes", "no", "tie", "within seed noise", "n/a"
 
 SUBGROUP_COLUMNS: tuple[str, ...] = ("dataset", "model", "subgroup", "metric", "mean", "n_conditions")
 
@@ -111,6 +111,8 @@ def _verdict(row: Mapping[str, Any]) -> str:
     std = row["seed_std"]
     if row["n_seeds"] >= 2 and math.isfinite(std) and abs(row["margin"]) <= std:
         return WITHIN_NOISE
+    if row["margin"] == 0:
+        return TIE  # e.g. two models ranking the matching condition equally
     return BEATS if row["margin"] > 0 else LOSES
 
 
@@ -128,7 +130,7 @@ def leaderboard(
     Returns:
         Long frame, columns :data:`LEADERBOARD_COLUMNS`. ``margin`` is how much better the model is than
         the best baseline (positive = better, whatever the metric's direction); ``beats_baseline`` is
-        ``yes``/``no``/``within seed noise`` (|margin| <= the model's std over seeds)/``n/a`` (a baseline,
+        ``yes``/``no``/``tie``/``within seed noise`` (|margin| <= the model's std over seeds)/``n/a`` (a baseline,
         no baseline value, or a metric without a known direction).
     """
     records = []
