@@ -242,3 +242,62 @@ def test_unreadable_h5ad(tmp_path, demo_cfg):
     path.write_bytes(b"not an hdf5 file")
     with pytest.raises(PipelineInputError, match="broken.h5ad"):
         load_source(path, demo_cfg, verify=False)
+
+
+# --------------------------------------------------------------------------- the CD4 chunked reader and ValueScan
+
+
+def _cd4_file(tmp_path, spoil, dense=False):
+    """A small CD4-shaped counts file (read in 4 windows) with one spoiled value in the third window."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.5, size=(400, 30)).astype(np.float32)
+    row, col = 250, 17
+    counts[row, col] = spoil
+    obs = pd.DataFrame({"target": rng.choice(["NTC", "G1", "G2"], 400), "donor": rng.choice(["D1", "D2"], 400)},
+                       index=[f"cell{i}" for i in range(400)])
+    var = pd.DataFrame(index=[f"ENSG{i}" for i in range(30)])
+    raw = tmp_path / "cd4_spoiled.h5ad"
+    ad.AnnData(counts if dense else sp.csr_matrix(counts), obs=obs, var=var).write_h5ad(raw)
+    panel = tmp_path / "panel.txt"
+    panel.write_text("\n".join(var.index[:10]) + "\n")  # the spoiled gene is outside the panel: still checked
+    cfg = {"name": "cd4", "source": {"path": str(raw), "reader": "backed_chunked", "gene_panel": str(panel),
+                                     "chunk_size": 100},
+           "perturbation_column": "target", "control_label": "NTC", "group_by": ["donor"]}
+    return raw, cfg, f"cell{row}", f"ENSG{col}"
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("spoil, expected", [(np.nan, "1 non-finite value(s)"), (np.inf, "1 non-finite value(s)"),
+                                             (-2.0, "1 negative value(s)"), (0.37, "looks log-normalised")])
+def test_chunked_reader_checks_every_window(tmp_path, spoil, expected, dense):
+    raw, cfg, cell, gene = _cd4_file(tmp_path, spoil, dense)
+    with pytest.raises(PipelineInputError) as err:
+        load_source(raw, cfg, verify=False)
+    message = str(err.value)
+    assert message.startswith(f"{raw}: field 'X'") and expected in message
+    assert f"first at cell '{cell}', gene '{gene}'" in message  # a gene outside the panel, in the third window
+    assert load_source(raw, cfg, verify=False, obs_only=True).n_obs == 400  # the split step reads obs only
+
+
+def test_chunked_reader_accepts_clean_counts(tmp_path):
+    raw, cfg, _, _ = _cd4_file(tmp_path, 3.0)
+    assert load_source(raw, cfg, verify=False).n_obs == 400
+
+
+def test_value_scan_first_offender_and_counts_match_a_direct_count():
+    """Blocks of a sparse and a dense matrix give the count and the row-major first (cell, gene) numpy finds."""
+    from perturb_repro.data.checks import scan_matrix
+
+    rng = np.random.default_rng(3)
+    x = rng.poisson(1.0, size=(300, 40)).astype(np.float64)
+    bad = rng.random(x.shape) < 0.01
+    x[bad] = np.nan
+    first = np.argwhere(bad)[0]
+    cells, genes = [f"c{i}" for i in range(300)], [f"g{j}" for j in range(40)]
+    for matrix in (x, sp.csr_matrix(np.where(np.isnan(x), np.nan, x))):
+        scan = scan_matrix(matrix, "f.h5ad", "X", cells, genes, block_rows=64)
+        assert scan.nonfinite.count == int(bad.sum())
+        assert scan.nonfinite.where[:2] == (cells[first[0]], genes[first[1]])
+        assert scan.n_cells == 300
