@@ -203,3 +203,17 @@ def test_sampling_job_killed_mid_write_leaves_no_predictions(tmp_path, demo_proc
     pred = ad.read_h5ad(out)
     assert pred.n_obs > 0 and np.isfinite(pred.X).all()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".predictions.")]
+
+
+def test_train_log_drops_a_row_cut_short_by_a_kill(tmp_path):
+    """A kill can leave the log's last row cut (its buffer is flushed when full, not per row): '1' of '105,0.3'
+    must not come back as a row of step 1 when the run resumes at step 100."""
+    from perturb_repro.training import TrainLog
+
+    path = tmp_path / "train_log.csv"
+    path.write_text("step,loss\n" + "".join(f"{i},0.5\n" for i in range(103)) + "1")
+    log = TrainLog(path, 100)
+    log.add(100, 0.25)
+    log.close()
+    rows = path.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(i) for i in range(101)]
