@@ -106,6 +106,9 @@ def _cases(files):
         "too_many_pcs": (DEMO, {"pca": {"n_components": 600}}, "split",
                          ["perturbench_devel.h5ad", "field 'datasets.too_many_pcs.pca.n_components'",
                           "600 components requested", "x 500 gene(s) has at most 500"]),
+        "too_many_hvgs": (DEMO, {"preprocess": {"n_top_genes": 800}}, "split",
+                          ["perturbench_devel.h5ad", "field 'datasets.too_many_hvgs.preprocess.n_top_genes'",
+                           "800 highly variable genes requested, but the file has 500 gene(s)"]),
         "corrupted": (files["corrupt"], {}, "split", ["corrupt.h5ad", "field 'sha256'", "checksum mismatch"]),
         "missing_column": (DEMO, {"perturbation_column": "guide_id"}, "split",
                            ["perturbench_devel.h5ad", "field 'obs['guide_id']'", "perturbation column missing"]),
@@ -149,7 +152,7 @@ def bad_run(scratch):
 
 
 CASES = ["nan_x", "inf_x", "negative_counts", "counts_as_log", "log_as_counts", "hvg_loess", "one_perturbation",
-         "empty_label", "too_many_pcs", "corrupted", "missing_column", "wrong_control", "no_controls"]
+         "empty_label", "too_many_pcs", "too_many_hvgs", "corrupted", "missing_column", "wrong_control", "no_controls"]
 LOGS = {"split": "logs/split/{}.log", "preprocess": "logs/preprocess/{}.log"}
 OUTPUTS = {"split": ["split.csv", "processed.h5ad", "summary.json"], "preprocess": ["processed.h5ad", "summary.json"]}
 
