@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     # keep the real suffix last: numpy and anndata look at it
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
@@ -31,6 +34,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _temp_pattern(target: Path) -> re.Pattern:
+    # mkstemp's random part: 8 characters of [a-z0-9_]
+    return re.compile(rf"^\.{re.escape(target.stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(target.suffix)}$")
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Delete temp files an earlier writer of ``target`` left when it was killed (SIGKILL, OOM: no ``finally``).
+
+    Each output has one writer at a time (one Snakemake job; rank 0 for checkpoints), so a temp file of the same
+    target found when a new write starts is an orphan. Returns what was removed.
+    """
+    target = Path(target)
+    pattern = _temp_pattern(target)
+    stale = [p for p in target.parent.glob(f".{glob.escape(target.stem)}.*") if pattern.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:

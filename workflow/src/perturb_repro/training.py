@@ -44,7 +44,8 @@ class TrainLog:
         if self.path.exists() and resume_from_step > 0:
             with open(self.path) as handle:
                 rows = [r for r in csv.reader(handle)][1:]
-            rows = [r for r in rows if int(r[0]) < resume_from_step]
+            # a SIGKILL can cut the last row short (the buffer flushes when full): keep whole rows only
+            rows = [r for r in rows if len(r) == 2 and r[0].isdigit() and r[1] and int(r[0]) < resume_from_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "w", newline="")
         self._writer = csv.writer(self._handle)

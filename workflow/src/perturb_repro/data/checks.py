@@ -236,7 +236,13 @@ def check_split(table: pd.DataFrame, obs: pd.DataFrame, dataset_cfg: Mapping[str
         n_train -= n_ctrl - int(n_ctrl * float(frac))
     prep = dataset_cfg.get("preprocess") or {}
     n_top = prep.get("n_top_genes")
-    n_kept = min(int(n_top), n_genes) if n_top else n_genes
+    if n_top and int(n_top) > n_genes:
+        raise PipelineInputError(
+            source, f"{key}.preprocess.n_top_genes",
+            f"{n_top} highly variable genes requested, but the file has {n_genes} gene(s): lower "
+            f"{key}.preprocess.n_top_genes, or set it to null to keep every gene",
+        )
+    n_kept = int(n_top) if n_top else n_genes
     n_pcs = int(dataset_cfg["pca"]["n_components"])
     if n_pcs > min(n_train - 1, n_kept):
         raise PipelineInputError(

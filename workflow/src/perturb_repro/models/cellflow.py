@@ -94,8 +94,13 @@ def build_cellflow(train: ad.AnnData, context: ModelContext, params: Mapping[str
     return cf
 
 
+STEP_ATTR = "_perturb_repro_step"  # the step a pickled CellFlow was saved at, inside the pickle itself
+
+
 def _save(cf, checkpoint_dir: Path, step: int) -> None:
-    """Model then step marker, each atomically: a crash between them re-runs at most one chunk."""
+    """Model (carrying its step) atomically, then the step marker for people and tools. Resume reads the step
+    from the pickle: a SIGKILL between the two writes must not pair the new weights with the old step."""
+    setattr(cf, STEP_ATTR, step)
     with atomic_path(checkpoint_dir / MODEL_FILE) as tmp:
         import cloudpickle
 
@@ -149,8 +154,13 @@ class CellFlowModel:
                              "validation is not run here (the card's valid_freq exceeds its budget)")
         every = int(training.get("checkpoint_every") or total)
         state = checkpoint_dir / STATE_FILE
-        start = json.loads(state.read_text())["step"] if state.exists() and (checkpoint_dir / MODEL_FILE).exists() else 0
-        cf = load_cellflow(checkpoint_dir) if start else build_cellflow(train, context, params)
+        start, cf = 0, None
+        if (checkpoint_dir / MODEL_FILE).exists():
+            cf = load_cellflow(checkpoint_dir)
+            saved = getattr(cf, STEP_ATTR, None)  # checkpoints from before the step lived in the pickle: the marker
+            start = int(saved) if saved is not None else (json.loads(state.read_text())["step"] if state.exists() else 0)
+        if not start:
+            cf = build_cellflow(train, context, params)
         log = TrainLog(checkpoint_dir / "train_log.csv", start)
         from cellflow.data._dataloader import TrainSampler
 
