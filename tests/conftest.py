@@ -10,7 +10,7 @@ sys.path.insert(0, str(REPO / "workflow" / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
-import pytest
+import pytest  # noqa: E402 -- after the sys.path / thread settings above
 
 DEMO_H5AD = REPO / "resources" / "demo" / "perturbench_devel.h5ad"
 

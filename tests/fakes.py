@@ -1,6 +1,10 @@
 """Test doubles shared by the training tests."""
 
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotations only; tests import anndata where they build cells
+    import anndata as ad
 
 
 class SignalAfter:

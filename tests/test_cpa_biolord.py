@@ -3,12 +3,11 @@ adversary schedule, fitting a known additive structure, bit-identical resume, de
 
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fakes import GENES, TRAIN_CONDITIONS, VAL_CONDITIONS, SignalAfter, additive_cells, train_val
+from fakes import TRAIN_CONDITIONS, VAL_CONDITIONS, SignalAfter, additive_cells, train_val
 from perturb_repro.config import deep_merge, model_params
 from perturb_repro.models import cpa as cpa_mod
 from perturb_repro.models import perturbench_baselines as pb

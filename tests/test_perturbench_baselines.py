@@ -3,7 +3,6 @@ presets, fitting a known additive structure, bit-identical resume, unseen genes,
 
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest

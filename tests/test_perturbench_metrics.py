@@ -37,7 +37,6 @@ from perturb_repro.scoring.perturbench import (
     perturbench_metrics,
     rank_columns,
     score_perturbench,
-    summarise,
 )
 
 PERT_COL = "condition"

@@ -29,7 +29,7 @@ CONTROL = "control"
 JIANG_LINES = ["a549", "bxpc3", "hap1", "ht29", "k562", "mcf7"]
 JIANG_CYTOKINES = ["IFNB", "IFNG", "INS", "TGFB", "TNFA"]
 # build_jiang24_frangieh21_splits.py: 3 cytokines x 4 lines held out, 70 %, seed 0
-JIANG_HOLDOUT = [[c, l] for c in ["IFNG", "INS", "TGFB"] for l in ["k562", "mcf7", "ht29", "hap1"]]
+JIANG_HOLDOUT = [[c, line] for c in ["IFNG", "INS", "TGFB"] for line in ["k562", "mcf7", "ht29", "hap1"]]
 
 
 def _shuffled(rows: list[dict], cells_per_row: int, seed: int) -> pd.DataFrame:
@@ -186,7 +186,7 @@ def test_manual_transfer_rejects_unknown_group():
 
 def test_singleton_heldout_group_is_excluded_like_upstream():
     """A line with a single held-out pair cannot be stratified: upstream leaves its cells unsplit."""
-    rows = [{"condition": c, "cell_type": l} for l in ["x", "y"] for c in [CONTROL, "p1", "p2", "p3"]]
+    rows = [{"condition": c, "cell_type": line} for line in ["x", "y"] for c in [CONTROL, "p1", "p2", "p3"]]
     rows += [{"condition": "p4", "cell_type": "x"}]
     pairs = condition_pairs(pd.DataFrame(rows), ["cell_type"])
     t = perturbench_covariate_transfer_table(pairs, CONTROL, seed=0, max_heldout_fraction_per_covariate=0.3)

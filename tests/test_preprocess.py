@@ -77,7 +77,7 @@ def test_perturbench_gene_selection_uses_train_cells_only():
     """HVG (seurat_v3 on counts, batch = line) + DEGs + perturbed genes: blind to val/test cells."""
     rng = np.random.default_rng(0)
     genes = [f"g{i}" for i in range(120)] + ["P1", "P2", "P3"]
-    rows = [(c, l) for l in ["a", "b"] for c in ["control"] * 40 + ["P1"] * 20 + ["P2"] * 20 + ["P3"] * 20]
+    rows = [(c, line) for line in ["a", "b"] for c in ["control"] * 40 + ["P1"] * 20 + ["P2"] * 20 + ["P3"] * 20]
     obs = pd.DataFrame(rows, columns=["condition", "cell_type"], index=[f"c{i}" for i in range(len(rows))])
     obs["is_control"] = obs["condition"] == "control"
     obs["split"] = np.where((obs["condition"] == "P3") & (obs["cell_type"] == "a"), "test", "train")

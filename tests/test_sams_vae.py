@@ -4,7 +4,6 @@ mechanism, and demo predictions."""
 
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest

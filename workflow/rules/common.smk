@@ -9,7 +9,6 @@ from perturb_repro.config import check_config, model_params, run_pairs, sampling
 from perturb_repro.models.base import MODEL_SPECS, spec_of
 from perturb_repro.targets import NON_DATASET_DIRS, NON_MODEL_DIRS
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 SRC = Path(workflow.basedir) / "workflow" / "src" / "perturb_repro"
@@ -27,9 +26,14 @@ def _check_embeddings():
         embedding = embedding_of(model)
         if embedding not in gene_embeddings():
             raise ValueError(f"config: models.{model}.gene_embedding '{embedding}' is not a key of esm2.embeddings")
-        if (needs_esm2(model, dataset) and embedding_spec(embedding)["kind"] == "esm2"
-                and "esm2" not in config["datasets"][dataset]):
-            raise ValueError(f"config: datasets.{dataset}.esm2 is missing, but model '{model}' needs ESM2 gene embeddings")
+        if (
+            needs_esm2(model, dataset)
+            and embedding_spec(embedding)["kind"] == "esm2"
+            and "esm2" not in config["datasets"][dataset]
+        ):
+            raise ValueError(
+                f"config: datasets.{dataset}.esm2 is missing, but model '{model}' needs ESM2 gene embeddings"
+            )
 
 
 check_config(config)  # cross-references and every model entry's parameters (its type's schema)
@@ -39,9 +43,18 @@ check_config(config)  # cross-references and every model entry's parameters (its
 # A model entry names its embedding (`gene_embedding`, default `esm2.embedding`); each embedding is one file per
 # dataset, results/{dataset}/embeddings/{embedding}.npz, so CellFlow's t6_8M and scGPT+ESM's 15B live side by side.
 ESM2_SHARED_KEYS = ("batch_size", "allow_missing", "uniprot_release", "taxon_id")
-ENSEMBL_CANONICAL_FASTA = "results/{dataset}/embeddings/ensembl_canonical_proteins.fasta"  # built from the data (its var ids)
-EMBEDDING_DEFAULTS = {"kind": "esm2", "model": None, "pooling": "mean", "genes": "perturbed", "dtype": None,
-                      "sequences": None, "resources": {}}
+ENSEMBL_CANONICAL_FASTA = (
+    "results/{dataset}/embeddings/ensembl_canonical_proteins.fasta"  # built from the data (its var ids)
+)
+EMBEDDING_DEFAULTS = {
+    "kind": "esm2",
+    "model": None,
+    "pooling": "mean",
+    "genes": "perturbed",
+    "dtype": None,
+    "sequences": None,
+    "resources": {},
+}
 
 
 def gene_embeddings():
@@ -55,7 +68,11 @@ def embedding_spec(name):
 
 
 def embedding_of(model):
-    return config["models"][model].get("gene_embedding") or config["esm2"].get("embedding") or next(iter(gene_embeddings()))
+    return (
+        config["models"][model].get("gene_embedding")
+        or config["esm2"].get("embedding")
+        or next(iter(gene_embeddings()))
+    )
 
 
 def embedding_on_cpu(name):
@@ -258,7 +275,9 @@ def model_source_files(model):
 
 
 def all_targets():
-    targets = [f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "perturbench.csv", "provenance.json")]
+    targets = [
+        f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "perturbench.csv", "provenance.json")
+    ]
     targets += [f"results/tables/{t}.{ext}" for t in TABLES + ["scfate_table1"] for ext in ("csv", "md")]
     targets.append("results/report.html")
     return targets
@@ -392,9 +411,7 @@ def merge_mem_mb(wildcards, input, attempt):
 # Input functions of the stage files, kept here so that those files hold only rules.
 import yaml
 
-
 ESM2_TINY_DIR = "results/esm2/tiny_model"
-
 
 
 # Every file name a pretrained checkpoint may have (fetch_pretrained's wildcard), from the model specs.

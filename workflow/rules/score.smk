@@ -102,7 +102,8 @@ rule provenance:
         },
         seed=lookup(dpath="sampling/seed", within=config),
         benchmarks=lambda w: [
-            f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv" for stage in ("train", "sample", "score_celleval", "score_perturbench")
+            f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv"
+            for stage in ("train", "sample", "score_celleval", "score_perturbench")
         ],
     log:
         "logs/provenance/{dataset}/{model}.log",

@@ -33,7 +33,7 @@ null vector, the joint strategy's single drop mask).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

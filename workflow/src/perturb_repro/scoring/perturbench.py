@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import json
 import zlib
 from dataclasses import dataclass, fields
