@@ -6,7 +6,6 @@ Snakemake start. Each test then reads its job's log and checks that the failing 
 step before it did run (a results directory that was never written is a failure, not a pass).
 """
 
-import shutil
 
 import anndata as ad
 import numpy as np
