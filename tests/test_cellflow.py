@@ -150,3 +150,26 @@ def test_sigterm_saves_and_exits_nonzero(tmp_path, monkeypatch, trained, context
         cfm.CellFlowModel().fit(train, None, context, _params(20, 10), tmp_path)
     state = (tmp_path / cfm.STATE_FILE).read_text()
     assert '"step": 4' in state  # saved where it stopped, not at a checkpoint boundary
+
+
+def test_one_model_object_loads_and_compiles_once_and_samples_as_fresh_ones(trained, demo_processed, context,
+                                                                            monkeypatch):
+    """steps.predict_step calls sample() once per condition on one model object: the checkpoint is loaded and
+    the FlowSampler (one jit) built once per job and solver, and each call's cells equal a fresh object's."""
+    ckpt, _ = trained
+    control = demo_processed[demo_processed.obs["is_control"].to_numpy()].copy()
+    params = _params(20, 10)
+    sampling = {"steps": 2, "solver": "euler"}
+    fresh = {(c, s): cfm.CellFlowModel().sample(ckpt, [c], control, 20, context, params, {**sampling, "seed": s})[c]
+             for c, s in (("KLF1", 1), ("HK2", 2), ("KLF1", 3))}
+    loads, builds = [], []
+    load, init = cfm.load_cellflow, cfm.FlowSampler.__init__
+    monkeypatch.setattr(cfm, "load_cellflow", lambda d: loads.append(d) or load(d))
+    monkeypatch.setattr(cfm.FlowSampler, "__init__", lambda self, cf, s: builds.append(dict(s)) or init(self, cf, s))
+    model = cfm.CellFlowModel()
+    for (condition, seed), expected in fresh.items():
+        got = model.sample(ckpt, [condition], control, 20, context, params, {**sampling, "seed": seed})[condition]
+        assert got.tobytes() == np.asarray(expected).tobytes()
+    assert len(loads) == 1 and len(builds) == 1
+    model.sample(ckpt, ["KLF1"], control, 20, context, params, {**sampling, "steps": 3, "seed": 1})
+    assert len(loads) == 1 and len(builds) == 2  # another sampler setting compiles its own solve

@@ -20,9 +20,9 @@ from seeds import SEEDS_DIR as SEEDS, needs_seeds  # noqa: E402  (tests/ is on s
 PRIMEFLOW_SPECS = [f"primeflow_table{n}.yaml" for n in range(2, 10)]
 SPECS = ["cellflow_norman.yaml", "scgpt_replogle.yaml", "scldm_cd4.yaml", *PRIMEFLOW_SPECS]
 EXPECTED_CELLS = {
-    "cellflow_norman.yaml": 2 * 30,  # the card row (its embedding) and the correct-embedding row
+    "cellflow_norman.yaml": 3 * 30,  # the card row (its embedding), the same with the card's solver, the correct-embedding row
     "scgpt_replogle.yaml": 25,
-    "scldm_cd4.yaml": 4,
+    "scldm_cd4.yaml": 2 * 4,  # scldm_cd4 (Euler) and scldm_cd4_dopri5 (the card's solver)
     "primeflow_table2.yaml": 14 * 4,
     "primeflow_table3.yaml": 14 * 4,
     "primeflow_table4.yaml": 20 * 4,
@@ -119,9 +119,10 @@ def test_scldm_cd4_matches_card() -> None:
     assert re.findall(r"~\d+\.\d+M", region) == ["~1.1M", "~2.4M"]
     named = {key for words, key in SCLDM_METRICS.items() if words in region}
     assert named == set(SCLDM_METRICS.values())
-    assert [c.metric for c in spec.cells] == list(SCLDM_METRICS.values())
+    assert [c.metric for c in spec.cells] == 2 * list(SCLDM_METRICS.values())
     assert all(c.blank and c.reported == "" for c in spec.cells)
-    assert {(c.dataset, c.model, c.statistic) for c in spec.cells} == {("zhu25_cd4", "scldm_cd4", "mean")}
+    assert {(c.dataset, c.model, c.statistic) for c in spec.cells} == {
+        ("zhu25_cd4", "scldm_cd4", "mean"), ("zhu25_cd4", "scldm_cd4_dopri5", "mean")}
     # every number quoted in the notes is printed on the card
     notes = " ".join(spec.notes)
     for fact in ("15.2M", "44.3M", "~14.5M", "3,699", "~1.1M", "~2.4M", "60 epochs", "150 epochs", "~3.5 days", "~18 hours", "360", "0.01"):

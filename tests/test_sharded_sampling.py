@@ -248,3 +248,50 @@ def test_a_rerun_in_a_new_process_gives_the_same_file(demo, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_file(here, ad.read_h5ad(tmp_path / "there.h5ad"))
+
+
+# -- one load per job (base.job_cached) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset,name,module,loader", [
+    ("norman_demo", "primeflow", "perturb_repro.models.primeflow", "load_field"),
+    ("mcfaline_demo", "linear", "perturb_repro.models.perturbench_baselines", "_PerturBenchModel.load_net")])
+def test_a_sampling_job_loads_its_checkpoint_once_and_writes_what_per_call_loading_wrote(
+        demo, tmp_path, monkeypatch, dataset, name, module, loader):
+    """One predict_step (one model call per condition, more than one condition) reads the weights once; the file
+    equals, bit for bit, a job whose every call loads the checkpoint afresh (the behaviour before the cache)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    owner, attr = (getattr(mod, loader.split(".")[0]), loader.split(".")[1]) if "." in loader else (mod, loader)
+    original, calls = getattr(owner, attr), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    run = demo[dataset]
+    n_entries = len(steps.sampling_plan(ad.read_h5ad(run["truth"]).obs, "control", steps.group_columns(ad.read_h5ad(run["truth"]))))
+    assert n_entries > 1
+    monkeypatch.setattr(owner, attr, counted)
+    cached = _predict(run, dataset, name, SAMPLING, tmp_path / "cached.h5ad")
+    assert len(calls) == 1
+    monkeypatch.setattr(mod, "job_cached", lambda model, key, build: build())  # the old per-call loading
+    fresh = _predict(run, dataset, name, SAMPLING, tmp_path / "fresh.h5ad")
+    assert len(calls) == 1 + n_entries
+    _assert_same_file(cached, fresh)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "tsit5"])
+def test_a_solver_the_model_does_not_integrate_with_is_refused(demo, tmp_path, solver):
+    """PRiMeFlow (and the linear baseline, no ODE at all) sample with Euler only: another solver is an error
+    naming the model entry and key, not Euler recorded under another name; nothing is written."""
+    from perturb_repro.errors import PipelineInputError
+
+    for dataset, name in (("norman_demo", "primeflow"), ("mcfaline_demo", "linear")):
+        with pytest.raises(PipelineInputError, match=rf"models\.{name}.*sampling\.solver.*{solver}"):
+            _predict(demo[dataset], dataset, name, {**SAMPLING, "solver": solver}, tmp_path / f"{name}.h5ad")
+        assert not (tmp_path / f"{name}.h5ad").exists()
+    steps.check_solver("cellflow_tsit5", {"type": "cellflow"}, {"solver": solver})  # CellFlow has both
+    steps.check_solver("scldm_cd4_dopri5", {"type": "scldm"}, {"solver": "dopri5"})
+    with pytest.raises(PipelineInputError, match="scldm_x"):
+        steps.check_solver("scldm_x", {"type": "scldm"}, {"solver": "tsit5"})

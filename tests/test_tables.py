@@ -233,11 +233,12 @@ def test_bad_top_level(tmp_path: Path) -> None:
 
 def test_shipped_spec_has_all_30_cells() -> None:
     spec = load_table_spec(SPEC_PATH)
-    assert len(spec.cells) == 2 * 30  # the card's run (its embedding) and the correct-embedding run, same numbers
-    assert {(c.dataset, c.model) for c in spec.cells} == {("norman", "cellflow"), ("norman", "cellflow_fixed_esm2")}
-    by_model = {m: [(c.metric, c.statistic, c.reported) for c in spec.cells if c.model == m]
-                for m in ("cellflow", "cellflow_fixed_esm2")}
-    assert by_model["cellflow"] == by_model["cellflow_fixed_esm2"]
+    # the card's run (its embedding), the same checkpoint with the card's solver, the correct-embedding run: same numbers
+    assert len(spec.cells) == 3 * 30
+    models = ("cellflow", "cellflow_tsit5", "cellflow_fixed_esm2")
+    assert {(c.dataset, c.model) for c in spec.cells} == {("norman", m) for m in models}
+    by_model = {m: [(c.metric, c.statistic, c.reported) for c in spec.cells if c.model == m] for m in models}
+    assert by_model["cellflow"] == by_model["cellflow_tsit5"] == by_model["cellflow_fixed_esm2"]
     assert {c.statistic for c in spec.cells} == {"mean", "median", "max"}
     assert len({c.metric for c in spec.cells}) == 10
     assert all(c.decimals == 4 for c in spec.cells)
@@ -271,7 +272,7 @@ def test_spec_matches_card_verbatim() -> None:
     card = _parse_card_table(CARD_PATH.read_text(encoding="utf-8"))
     assert len(card) == 30
     spec = load_table_spec(SPEC_PATH)
-    for model in ("cellflow", "cellflow_fixed_esm2"):
+    for model in ("cellflow", "cellflow_tsit5", "cellflow_fixed_esm2"):
         ours = {(c.metric, c.statistic): c.reported for c in spec.cells if c.model == model}
         assert ours == card, model
     assert spec.source_seed == CARD_PATH.name

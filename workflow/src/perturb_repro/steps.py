@@ -22,6 +22,7 @@ from .data.checks import check_split
 from .data.source import CONDITION, IS_CONTROL, load_source, source_gene_count
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
+from .errors import PipelineInputError
 from .io import atomic_path, write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
 
@@ -198,6 +199,16 @@ def _sampler_record(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return {k: sampling[k] for k in sampling if k != "shards"}
 
 
+def check_solver(model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
+    """Refuse a ``sampling.solver`` the model does not integrate with (its class's ``SOLVERS``; ``euler`` only
+    unless it says otherwise), rather than let it sample with another solver than the one recorded."""
+    solver = str(sampling.get("solver") or "euler")
+    allowed = tuple(getattr(get_model(model_cfg["type"]), "SOLVERS", ("euler",)))
+    if solver not in allowed:
+        raise PipelineInputError(f"config models.{model}", "sampling.solver",
+                                 f"{solver!r} is not a sampler of model type '{model_cfg['type']}' (it has {list(allowed)})")
+
+
 def _sample_plan(
     truth_adata: ad.AnnData, plan: list, group_by: list[str], context: ModelContext, model_cfg: Mapping[str, Any],
     params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str,
@@ -312,6 +323,7 @@ def predict_step(
     ``out_h5ad`` is a shard file (predicted cells only, no controls) for :func:`merge_predictions_step`.
     """
     limit_threads()
+    check_solver(model, model_cfg, sampling)
     truth_adata = _open_truth(truth)
     try:
         group_by = group_columns(truth_adata)

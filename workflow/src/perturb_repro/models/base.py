@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import anndata as ad
 import numpy as np
@@ -49,6 +49,26 @@ class PerturbationModel(Protocol):
         """Return gene-space cells (log scale, >= 0) per condition: ``n_cells`` rows for generative
         models; baselines may return the control set (so their means are exact)."""
         ...
+
+
+T = TypeVar("T")
+
+
+def job_cached(model: object, key: tuple, build: Callable[[], T]) -> T:
+    """``build()`` once per ``key`` for the life of ``model``, then the same object.
+
+    ``steps.predict_step`` makes one model object per sampling job and calls its ``sample`` once per
+    (group, condition); keying what ``sample`` loads (weights, keyed by checkpoint dir) or compiles (a jitted
+    solver, keyed by the sampler settings it depends on, never the per-condition seed) here makes a job load
+    its checkpoint and compile once. A new job (or a retrained checkpoint) gets a new model object."""
+    cache = model.__dict__.setdefault("_job_cache", {})
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def checkpoint_key(checkpoint_dir) -> str:
+    return str(Path(checkpoint_dir).resolve())
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..data.conditions import genes_of
 from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
 from ..training import Preempted, StopFlag, TrainLog
-from .base import ModelContext
+from .base import ModelContext, checkpoint_key, job_cached
 
 MODEL_FILE = "CellFlow.pkl"
 STATE_FILE = "state.json"
@@ -180,18 +180,25 @@ class CellFlowModel:
         finally:
             log.close()
 
+    SOLVERS = ("euler", "tsit5", "dopri5")  # steps.predict_step refuses any other sampling.solver
+
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
-        cf = load_cellflow(Path(checkpoint_dir))
+        ckpt = checkpoint_key(checkpoint_dir)
+        cf = job_cached(self, ("cellflow", ckpt), lambda: load_cellflow(Path(checkpoint_dir)))
+        # one FlowSampler (one jit) per job and solver settings: the per-condition seed only picks source cells
+        solver_key = tuple(str(sampling.get(k)) for k in SOLVER_KEYS)
+        flow = job_cached(self, ("sampler", ckpt, solver_key), lambda: FlowSampler(cf, sampling))
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         n_ctrl = int(control.obs[IS_CONTROL].sum())
         pick = rng.choice(n_ctrl, size=n_cells, replace=n_cells > n_ctrl)
         source = control[np.flatnonzero(control.obs[IS_CONTROL].to_numpy())[pick]].copy()
         source.obs_names_make_unique()  # drawn with replacement when n_cells exceeds the controls
-        z = FlowSampler(cf, sampling).predict(_cellflow_view(source, context), conditions, context)
+        z = flow.predict(_cellflow_view(source, context), conditions, context)
         return {c: context.pca.inverse(z[c]) for c in conditions}
 
 
-SOLVERS = ("euler", "tsit5", "dopri5")
+SOLVERS = CellFlowModel.SOLVERS
+SOLVER_KEYS = ("solver", "steps", "rtol", "atol", "max_steps")  # every sampling key diffrax_settings reads
 
 
 def diffrax_settings(sampling: Mapping[str, Any]) -> dict[str, Any]:

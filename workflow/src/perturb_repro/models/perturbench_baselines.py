@@ -59,7 +59,7 @@ from ..data.source import CONDITION, IS_CONTROL
 from ..distributed import current_world
 from ..io import atomic_path, write_csv, write_text
 from ..trainer import STATE_FILE, Shard, Trainer, TrainerConfig, TrainTask, resolve_device, step_seed
-from .base import ModelContext
+from .base import ModelContext, checkpoint_key, job_cached
 
 STATE_MARKER = Path(STATE_FILE).with_suffix(".json").name  # the shared trainer's resume point
 MODEL_FILE = "model.pt"
@@ -653,7 +653,7 @@ class _PerturBenchModel:
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         """``n_cells`` sampled control cells per condition, each mapped through the network with the
         condition's perturbation vector and its own covariates (PerturBench's ``Counterfactual``)."""
-        net, encoder, saved = self.load_net(Path(checkpoint_dir))
+        net, encoder, saved = job_cached(self, ("net", checkpoint_key(checkpoint_dir)), lambda: self.load_net(checkpoint_dir))
         ctrl = control[control.obs[IS_CONTROL].to_numpy(dtype=bool)]
         if list(map(str, ctrl.var_names)) != saved["var_names"]:
             if set(map(str, ctrl.var_names)) != set(saved["var_names"]):

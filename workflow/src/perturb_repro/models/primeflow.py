@@ -66,7 +66,7 @@ from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
 from ._flow import step_seed as _step_seed
 from ._unet1d import UNet1D, timestep_embedding
-from .base import ModelContext
+from .base import ModelContext, checkpoint_key, job_cached
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -542,6 +542,12 @@ def load_field(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tupl
     return field.to(device).eval(), spec
 
 
+def _load_for_sampling(checkpoint_dir: Path, device) -> tuple[VelocityField, dict[str, Any], np.ndarray, np.ndarray]:
+    field, spec = load_field(checkpoint_dir, device)
+    with np.load(checkpoint_dir / RANGES_FILE) as r:
+        return field, spec, r["lo"], r["hi"]
+
+
 # ------------------------------------------------------------------------------------------------
 # the model
 
@@ -581,12 +587,14 @@ class PRiMeFlowModel:
                                    "substitute_prob": task.p_sub}, indent=2), checkpoint_dir / FIT_FILE)
         trainer.close()
 
+    SOLVERS = ("euler",)  # fixed-step Euler only: steps.predict_step refuses any other sampling.solver
+
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         checkpoint_dir = Path(checkpoint_dir)
         device = resolve_device(str(_get(params, "training.device", "auto")), current_world())
-        field, spec = load_field(checkpoint_dir, device)
-        with np.load(checkpoint_dir / RANGES_FILE) as r:
-            lo, hi = r["lo"], r["hi"]
+        # loaded once per job (base.job_cached); the ESM bank set below is replaced whole on every call
+        field, spec, lo, hi = job_cached(self, ("field", checkpoint_key(checkpoint_dir), str(device)),
+                                         lambda: _load_for_sampling(checkpoint_dir, device))
         steps = int(sampling.get("steps", 100))
         w = float(sampling.get("guidance_weight", 1.0))
         seed = int(sampling.get("seed", 0))

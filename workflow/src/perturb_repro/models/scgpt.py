@@ -68,7 +68,7 @@ from ..io import write_text
 from ..distributed import current_world
 from ..trainer import Trainer, resolve_device
 from . import _scgpt_loading as loading
-from .base import ModelContext
+from .base import ModelContext, checkpoint_key, job_cached
 from .scgpt_network import ARCH_KEYS, GenePrior, TransformerGenerator, build_network  # noqa: F401 (re-exported)
 from .scgpt_tokens import PERT_FLAG_OFF, PERT_FLAG_ON, Batch, ConditionTokens, GeneSpace, assemble  # noqa: F401
 from .scgpt_training import (  # noqa: F401 (re-exported: the model's public pieces)
@@ -233,6 +233,12 @@ def load_trained(checkpoint_dir: Path, control_label: str, weights: str = BEST_F
 
 
 
+def _load_on(device, checkpoint_dir, control_label: str, genes):
+    """load_trained with the network moved to ``device``: what one sampling job loads, once (base.job_cached)."""
+    net, space, meta = load_trained(Path(checkpoint_dir), control_label, BEST_FILE, genes)
+    return net.to(device), space, meta
+
+
 class ScGPTModel:
     def fit(self, train, val, context: ModelContext, params, checkpoint_dir: Path) -> None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -301,8 +307,9 @@ class ScGPTModel:
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         device = resolve_device(str(params["training"].get("device", "auto")), current_world())
         amp = precision_of(params["training"])  # autocast on CUDA only
-        net, space, meta = load_trained(Path(checkpoint_dir), context.control_label, BEST_FILE, gene_symbols(control, params))
-        net.to(device)
+        genes = gene_symbols(control, params)
+        key = ("trained", checkpoint_key(checkpoint_dir), context.control_label, tuple(map(str, genes)), str(device))
+        net, space, meta = job_cached(self, key, lambda: _load_on(device, checkpoint_dir, context.control_label, genes))
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         cells = _matrix(control)[np.flatnonzero(control.obs[IS_CONTROL].to_numpy(dtype=bool))]
         n_ctrl = cells.shape[0]

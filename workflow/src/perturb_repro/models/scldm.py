@@ -96,7 +96,7 @@ from ..distributed import current_world
 from ..io import atomic_path, write_text
 from ..trainer import EMA, STATE_FILE as TRAINER_STATE_FILE
 from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, lambda_schedule, resolve_device
-from ._flow import guided_velocity, integrate
+from ._flow import TORCH_SOLVERS, guided_velocity, integrate
 from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
@@ -104,7 +104,7 @@ from ._flow import step_seed as _step_seed
 from ._scldm_counts import (DECODE_LIBRARY_FILE, LIBRARY_FILE, _has_decode_library, context_keys, counts_matrix, decode_counts,
                             draw_library, library_columns, log_normalize, normalisation_units, write_decode_library)
 from ._scldm_nets import Autoencoder, DiT, nb_loss
-from .base import ModelContext
+from .base import ModelContext, checkpoint_key, job_cached
 
 # autoencoder directory (stage 1)
 AE_META_FILE = "meta.json"
@@ -499,13 +499,18 @@ class ScLDMModel:
             _save_weights(checkpoint_dir / DIT_WEIGHTS, result.module.state_dict(), result.ema)
         trainer.close()
 
+    SOLVERS = TORCH_SOLVERS  # steps.predict_step refuses any other sampling.solver
+
     def sample(self, checkpoint_dir, conditions: list[str], control: ad.AnnData, n_cells: int, context: ModelContext,
                params: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict[str, np.ndarray]:
         _threads(params)
         checkpoint_dir = Path(checkpoint_dir)
         device = resolve_device(str(_get(params, "flow.training.device", "auto") or "auto"), current_world())
-        ae, ae_spec = load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE)
-        dit, spec = load_dit(checkpoint_dir, device, str(params.get("sample_weights", "raw")))
+        weights = str(params.get("sample_weights", "raw"))
+        ae, ae_spec = job_cached(self, ("autoencoder", checkpoint_key(checkpoint_dir), str(device)),  # once per job
+                                 lambda: load_autoencoder(checkpoint_dir, device, AUTOENCODER_META_FILE))
+        dit, spec = job_cached(self, ("dit", checkpoint_key(checkpoint_dir), str(device), weights),
+                               lambda: load_dit(checkpoint_dir, device, weights))
         w = sampling.get("cfg_weight", sampling.get("guidance_weight"))
         w = float(params.get("cfg_weight", 1.0) if w is None else w)
         seed = int(sampling.get("seed", 0))
