@@ -25,6 +25,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/score.smk"
+include: "workflow/rules/replicates.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -37,6 +38,8 @@ localrules:
     download_source,
     download_sequences,
     fetch_pretrained,
+    aggregate_celleval_seeds,
+    aggregate_perturbench_seeds,
 
 
 rule all:

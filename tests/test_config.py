@@ -56,9 +56,12 @@ def test_paper_config_plans_the_data_chain_of_every_dataset(scratch):
         assert embeds == wants_esm2, dataset
         for model in entry["models"]:
             owner = config["models"][model].get("shares_checkpoint_with", model)
-            assert any(r in ("train_model", "train_model_ddp") and w == f"dataset={dataset}, model={owner}"
-                       for r, w in planned), (dataset, owner)
-            assert any((r, f"dataset={dataset}, model={model}") in planned for r in ("sample_model", "merge_predictions"))
+            seeds = config["models"][model].get("seeds", [0])  # two or more: one run per seed (<model>/seeds/<s>)
+            for run, owner_run in ((f"{model}/seeds/{s}", f"{owner}/seeds/{s}") for s in seeds) if len(seeds) > 1 \
+                    else [(model, owner)]:
+                assert any(r in ("train_model", "train_model_ddp") and w == f"dataset={dataset}, model={owner_run}"
+                           for r, w in planned), (dataset, owner_run)
+                assert any((r, f"dataset={dataset}, model={run}") in planned for r in ("sample_model", "merge_predictions"))
 
 
 @pytest.mark.parametrize(

@@ -351,7 +351,7 @@ def test_blank_cells_are_recorded_not_compared(tmp_path: Path) -> None:
     assert "4 of 5 cells are blank in the source" in md
     assert "This is Table 7. Evidence: Seventh in document order; columns MMD GEX \\| DEG recall." in md
     blank_row = next(line for line in md.splitlines() if line.startswith("| paper_ds") and "| mse |" in line)
-    assert "| (blank) | 0.0123457 | n/a | not-comparable |" in blank_row  # 6 significant digits, no printed precision
+    assert "| (blank) | 0.0123457 | n/a |  | not-comparable |" in blank_row  # 6 significant digits, no printed precision
 
 
 def test_format_value_for_blank_cells() -> None:

@@ -41,6 +41,17 @@ def _owner(model: str) -> str:
     return DEMO["models"][model].get("shares_checkpoint_with", model)
 
 
+def _runs(model: str) -> list[str]:
+    """The run directories of a model entry under results/<dataset>/: one per seed when it has two or more."""
+    seeds = DEMO["models"][model].get("seeds", [0])
+    return [f"{model}/seeds/{s}" for s in seeds] if len(seeds) > 1 else [model]
+
+
+def _owner_run(run: str) -> str:
+    model, _, rest = run.partition("/")
+    return _owner(model) + (f"/{rest}" if rest else "")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("demo"))
@@ -62,13 +73,16 @@ def test_every_demo_output_exists(demo_run):
         assert (results / "norman_demo" / name).stat().st_size > 0
     for dataset, models in (("norman_demo", MODELS), ("mcfaline_demo", COVARIATE_MODELS)):
         for model in models:
-            for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv", "perturbench.csv", "provenance.json"):
+            for name in ("metrics.csv", "per_condition.csv", "perturbench.csv"):  # aggregates of a replicated entry
                 assert (results / dataset / model / name).stat().st_size > 0, (dataset, model, name)
-            owner = _owner(model)
-            assert (results / dataset / owner / "checkpoint" / "config_used.json").exists()
-            assert (demo_run / "benchmarks" / "train" / dataset / f"{owner}.tsv").exists()
-            if owner != model:  # a sampling variant has no checkpoint of its own
-                assert not (results / dataset / model / "checkpoint").exists()
+            for run in _runs(model):
+                for name in ("predictions.h5ad", "metrics.csv", "per_condition.csv", "perturbench.csv", "provenance.json"):
+                    assert (results / dataset / run / name).stat().st_size > 0, (dataset, run, name)
+                owner = _owner_run(run)
+                assert (results / dataset / owner / "checkpoint" / "config_used.json").exists()
+                assert (demo_run / "benchmarks" / "train" / dataset / f"{owner}.tsv").exists()
+                if owner != run:  # a sampling variant has no checkpoint of its own
+                    assert not (results / dataset / run / "checkpoint").exists()
     assert (results / "norman_demo" / "cellflow" / "checkpoint" / "CellFlow.pkl").exists()
     # scLDM's two jobs: the autoencoder, then the latent flow that copied it into its checkpoint
     assert (results / "norman_demo" / "scldm" / "autoencoder" / "autoencoder.pt").exists()
@@ -80,12 +94,70 @@ def test_every_demo_output_exists(demo_run):
 @pytest.mark.slow
 def test_predictions_follow_the_contract(demo_run):
     truth = ad.read_h5ad(demo_run / "results/norman_demo/test_truth.h5ad")
-    for model in MODELS:
-        pred = ad.read_h5ad(demo_run / f"results/norman_demo/{model}/predictions.h5ad")
+    for run in (r for model in MODELS for r in _runs(model)):
+        pred = ad.read_h5ad(demo_run / f"results/norman_demo/{run}/predictions.h5ad")
         assert list(pred.var_names) == list(truth.var_names)
         assert pred.X.dtype == np.float32 and np.isfinite(pred.X).all() and pred.X.min() >= 0
         assert set(pred.obs["condition"]) == set(truth.obs["condition"])
-        assert pred.uns["model"] == model and pred.uns["sampler"]["steps"] == 100
+        assert pred.uns["model"] == run and pred.uns["sampler"]["steps"] == 100
+
+
+@pytest.fixture(scope="module")
+def replicate_run(tmp_path_factory):
+    """The demo's two-seed entry alone (its seeds, the aggregates, one PRiMeFlow table): ~4 minutes on 2 cores."""
+    root = copy_repo(tmp_path_factory.mktemp("replicates"))
+    config = dict(DEMO, datasets={k: dict(v, models=[]) for k, v in DEMO["datasets"].items()})
+    config["datasets"]["norman_demo"]["models"] = ["fm_pca_ot_cfg1"]
+    (root / "config/replicates.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = [f"results/norman_demo/fm_pca_ot_cfg1/{n}" for n in ("metrics.csv", "perturbench.csv")]
+    result = snakemake(root, "-c2", *targets, "results/tables/primeflow_table5.md", "--configfile",
+                       "config/replicates.yaml", timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return root
+
+
+@pytest.mark.slow
+def test_replicated_demo_entry_aggregates_its_seeds(replicate_run):
+    """fm_pca_ot_cfg1 runs seeds 0 and 1: each seed changes the training seed and the sampling seeds, and the
+    entry's metrics.csv is recomputed here from the two per-seed files (csv module, statistics)."""
+    import csv
+    import json
+    import statistics
+
+    demo_run = replicate_run
+    base = demo_run / "results/norman_demo/fm_pca_ot_cfg1"
+    assert DEMO["models"]["fm_pca_ot_cfg1"]["seeds"] == [0, 1]
+    used = [json.loads((base / f"seeds/{s}/checkpoint/config_used.json").read_text())["seed"] for s in (0, 1)]
+    assert used == [0, 1]
+    preds = [ad.read_h5ad(base / f"seeds/{s}/predictions.h5ad") for s in (0, 1)]
+    assert [p.uns["sampler"]["seed"] for p in preds] == [0, 1]
+    assert set(preds[0].uns["condition_seeds"]["seed"]).isdisjoint(preds[1].uns["condition_seeds"]["seed"])
+    assert not np.allclose(preds[0].X, preds[1].X)
+
+    def rows(path):
+        with open(path, newline="") as handle:
+            return {r["metric"]: r for r in csv.DictReader(handle)}
+
+    def num(text):
+        return float("nan") if text in ("", "NaN", "nan") else float(text)
+
+    for name in ("metrics.csv", "perturbench.csv"):
+        seeds = [rows(base / f"seeds/{s}/{name}") for s in (0, 1)]
+        aggregate = rows(base / name)
+        assert list(aggregate) == list(seeds[0])
+        for metric, row in aggregate.items():
+            assert int(row["n_seeds"]) == 2
+            for stat in ("mean", "median", "max"):
+                values = [num(seed[metric][stat]) for seed in seeds]
+                if any(math.isnan(v) for v in values):
+                    assert math.isnan(num(row[stat])) and math.isnan(num(row[f"{stat}_seed_std"]))
+                    continue
+                assert num(row[stat]) == pytest.approx(statistics.fmean(values), rel=1e-12, abs=1e-15)
+                assert num(row[f"{stat}_seed_std"]) == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
+    table = pd.read_csv(demo_run / "results/tables/primeflow_table5.csv")
+    replicated = table[table["model"] == "fm_pca_ot_cfg1"]
+    assert len(replicated) and (replicated["n_seeds"] == 2).all() and replicated["reproduced_std"].notna().any()
+    assert "(2 seeds)" in (demo_run / "results/tables/primeflow_table5.md").read_text()
 
 
 
@@ -200,3 +272,105 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"broken": []' in result.stdout and '"images": ' in result.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- replicate seeds: dry runs (fast, no -m slow) ----------------------------------------------------------------
+
+PAPER = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def _jobs(stdout: str) -> list[dict[str, str]]:
+    """rule, wildcards, input and output of every job of a dry run."""
+    jobs = []
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", stdout, flags=re.M):
+        rule = re.match(r"(?:local)?rule (\w+):$", block, flags=re.M)
+        if rule:
+            fields = dict(re.findall(r"^\s+(wildcards|input|output): (.*)$", block, flags=re.M))
+            jobs.append({"rule": rule.group(1), **{k: fields.get(k, "") for k in ("wildcards", "input", "output")}})
+    return jobs
+
+
+def _planned(jobs, rule):
+    return sorted(j["wildcards"] for j in jobs if j["rule"] == rule)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("dry"))
+
+
+def test_paper_primeflow_table_plans_five_seeds_per_primeflow_model(scratch):
+    result = snakemake(scratch, "-n", "results/tables/primeflow_table3.md")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout)
+    family = [m for m in ("primeflow_cfg1", "primeflow_cfg3", "primeflow_cfg5", "fm_pca_cfg1", "fm_pca_cfg3", "fm_pca_cfg5")]
+    for model in family:
+        assert PAPER["models"][model]["seeds"] == [0, 1, 2, 3, 4]
+        runs = [f"dataset=norman19, model={model}/seeds/{s}" for s in range(5)]
+        for rule in ("sample_model", "score_celleval", "score_perturbench"):
+            assert [w for w in _planned(jobs, rule) if f"model={model}/" in w] == runs, (rule, model)
+        for rule in ("aggregate_celleval_seeds", "aggregate_perturbench_seeds"):
+            assert f"dataset=norman19, model={model}" in _planned(jobs, rule)
+        owner = PAPER["models"][model].get("shares_checkpoint_with", model)
+        for seed in range(5):  # each seed samples from its own seed's checkpoint
+            sample = next(j for j in jobs if j["rule"] == "sample_model" and j["wildcards"].endswith(f"{model}/seeds/{seed}"))
+            assert f"results/norman19/{owner}/seeds/{seed}/checkpoint" in sample["input"]
+    trained = _planned(jobs, "train_model")
+    assert [w for w in trained if "primeflow_cfg1" in w] == [f"dataset=norman19, model=primeflow_cfg1/seeds/{s}" for s in range(5)]
+    assert not [w for w in trained if "primeflow_cfg3" in w]  # CFG 3/5 train nothing of their own
+    # a one-seed entry keeps the one-run layout
+    assert "dataset=norman19, model=linear" in trained and not any("linear/seeds" in j["output"] for j in jobs)
+    table = next(j for j in jobs if j["rule"] == "paper_table")
+    assert "results/norman19/primeflow_cfg1/metrics.csv" in table["input"]  # the aggregate
+
+
+def test_demo_aggregates_two_seeds_and_leaves_one_seed_entries_as_they_were(scratch):
+    result = snakemake(scratch, "-n", "results/norman_demo/fm_pca_ot_cfg1/metrics.csv",
+                       "results/norman_demo/fm_pca_ot_cfg3/metrics.csv", "--configfile", "config/demo.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout)
+    assert DEMO["models"]["fm_pca_ot_cfg1"]["seeds"] == [0, 1]
+    assert _planned(jobs, "train_model") == [f"dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/{s}" for s in (0, 1)]
+    assert _planned(jobs, "score_celleval") == [
+        "dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/0", "dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/1",
+        "dataset=norman_demo, model=fm_pca_ot_cfg3"]
+    aggregate = next(j for j in jobs if j["rule"] == "aggregate_celleval_seeds")
+    assert aggregate["input"] == ", ".join(f"results/norman_demo/fm_pca_ot_cfg1/seeds/{s}/{n}"
+                                           for n in ("metrics.csv", "per_condition.csv") for s in (0, 1))
+    assert "results/norman_demo/fm_pca_ot_cfg1/metrics_by_seed.csv" in aggregate["output"]
+    # CFG 3 keeps one run, sampled from seed 0's checkpoint (its one seed, the default sampling.seed)
+    sample = next(j for j in jobs if j["rule"] == "sample_model" and j["wildcards"].endswith("fm_pca_ot_cfg3"))
+    assert "results/norman_demo/fm_pca_ot_cfg1/seeds/0/checkpoint" in sample["input"]
+    # a one-seed entry: exactly today's jobs and paths
+    plan = snakemake(scratch, "-n", "results/norman_demo/cellflow/metrics.csv", "--configfile", "config/demo.yaml")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "seeds" not in plan.stdout and "aggregate" not in plan.stdout
+    assert "results/norman_demo/cellflow/checkpoint" in plan.stdout
+    everything = _jobs(snakemake(scratch, "-n", "all", "--configfile", "config/demo.yaml").stdout)
+    assert [w for w in _planned(everything, "provenance") if "fm_pca_ot_cfg1" in w] == [
+        f"dataset={d}, model=fm_pca_ot_cfg1/seeds/{s}" for d in ("mcfaline_demo", "norman_demo") for s in (0, 1)]
+
+
+def test_sharded_sampling_and_scoring_run_per_seed(scratch):
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["models"]["fm_pca_ot_cfg1"]["sampling"]["shards"] = 2
+    config["scoring"]["shards"] = 2
+    (scratch / "config" / "seeds_shards.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(scratch, "-n", "results/norman_demo/fm_pca_ot_cfg1/metrics.csv", "--configfile",
+                       "config/seeds_shards.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout)
+    run = "dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/{}"
+    assert _planned(jobs, "sample_shard") == [run.format(s) + f", shard={i}, shards=2" for s in (0, 1) for i in (0, 1)]
+    assert _planned(jobs, "merge_predictions") == [run.format(s) for s in (0, 1)]
+    assert _planned(jobs, "score_celleval_shard") == [run.format(s) + f", shard={i}, n=2" for s in (0, 1) for i in (0, 1)]
+    assert _planned(jobs, "score_celleval_cross") == [run.format(s) for s in (0, 1)]
+
+
+def test_a_variant_needs_its_owners_seeds(scratch):
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["models"]["fm_pca_ot_cfg3"]["seeds"] = [1, 2]
+    (scratch / "config" / "bad_seeds.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(scratch, "-n", "all", "--configfile", "config/bad_seeds.yaml")
+    assert result.returncode != 0
+    assert "models.fm_pca_ot_cfg3.seeds" in result.stdout + result.stderr

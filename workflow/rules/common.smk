@@ -39,6 +39,75 @@ def _check_embeddings():
 check_config(config)  # cross-references and every model entry's parameters (its type's schema)
 
 
+# ---- Replicates (a model entry's `seeds`; issue 17) ---------------------------------------------------------
+# An entry with two or more `seeds` is trained, sampled and scored once per seed. The {model} wildcard of the
+# per-run rules (train, sample, score, provenance) then holds a *run key*, `<model>/seeds/<seed>`, so each run's
+# files are results/{dataset}/{model}/seeds/{seed}/{checkpoint/, predictions.h5ad, metrics.csv, ...}, and
+# results/{dataset}/{model}/metrics.csv, perturbench.csv and the per-condition tables are the aggregates over
+# seeds (rules/replicates.smk). A replicate's seed is its training seed and the base of its per-condition sampling
+# seeds (steps.condition_seed), in place of sampling.seed. One seed (the default) keeps the one-run layout (the
+# run key is the model key); without `seeds` a run trains with the global sampling.seed and samples with the
+# entry's, as before. Constraints list the configured run keys exactly, so {model} matches nothing else.
+SEEDS_DIR = "seeds"
+
+
+def seeds_of(model):
+    """A model entry's replicate seeds, in config order (default: the one global sampling seed)."""
+    return [int(s) for s in config["models"][model].get("seeds") or [lookup(dpath="sampling/seed", within=config)]]
+
+
+def is_replicated(model):
+    return len(seeds_of(model)) > 1
+
+
+def run_key(model, seed):
+    """The {model} wildcard of one run of ``model`` (the model key itself when it has one seed)."""
+    return f"{model}/{SEEDS_DIR}/{seed}" if is_replicated(model) else model
+
+
+def run_keys(models):
+    return [run_key(m, s) for m in models for s in seeds_of(m)]
+
+
+def entry_of(run):
+    """The config key of a run key (``primeflow_cfg1/seeds/3`` -> ``primeflow_cfg1``)."""
+    return run.split("/", 1)[0]
+
+
+def run_seed(run):
+    """The training seed of a run (its replicate seed; the first of its entry's seeds for a one-run entry)."""
+    model, _, rest = run.partition("/")
+    return int(rest.rsplit("/", 1)[1]) if rest else seeds_of(model)[0]
+
+
+def report_run(model):
+    """The run whose predictions and loss curve the report draws for an entry: its first seed."""
+    return run_key(model, seeds_of(model)[0])
+
+
+def seed_run_files(wildcards, name):
+    """``name`` in every seed's run directory of a replicated entry, in seed order."""
+    return [f"results/{wildcards.dataset}/{run}/{name}" for run in run_keys([wildcards.model])]
+
+
+REPLICATED_MODELS = sorted(m for m in config["models"] if is_replicated(m))
+RUNS = run_keys(config["models"])
+
+
+def _check_seeds():
+    """A variant samples each of its seeds from its owner's run of that seed: the owner must have them all."""
+    for model, entry in config["models"].items():
+        owner = entry.get("shares_checkpoint_with")
+        if owner in config["models"] and not set(seeds_of(model)) <= set(seeds_of(owner)):
+            raise ValueError(
+                f"config: models.{model}.seeds {seeds_of(model)} are not all seeds of '{owner}' "
+                f"{seeds_of(owner)}, whose checkpoints it samples from (shares_checkpoint_with)"
+            )
+
+
+_check_seeds()
+
+
 # ---- Gene embeddings (esm2.embeddings; issue 16.3/16.5, 17.4) --------------------------------------------
 # A model entry names its embedding (`gene_embedding`, default `esm2.embedding`); each embedding is one file per
 # dataset, results/{dataset}/embeddings/{embedding}.npz, so CellFlow's t6_8M and scGPT+ESM's 15B live side by side.
@@ -69,7 +138,7 @@ def embedding_spec(name):
 
 def embedding_of(model):
     return (
-        config["models"][model].get("gene_embedding")
+        config["models"][entry_of(model)].get("gene_embedding")
         or config["esm2"].get("embedding")
         or next(iter(gene_embeddings()))
     )
@@ -142,7 +211,7 @@ def unknown_constraint(known):
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NONE",
     embedding="|".join(re.escape(e) for e in gene_embeddings()) or "NONE",
-    model="|".join(MODELS) or "NONE",
+    model="|".join(re.escape(r) for r in RUNS) or "NONE",  # run keys (see "Replicates")
     table="|".join(TABLES) or "NONE",
 
 
@@ -154,33 +223,42 @@ def dataset_cfg(dataset):
 
 
 def model_cfg(model):
-    return config["models"][model]
+    """The entry of a model or run key, without `seeds` (adding a seed must not re-run the other seeds)."""
+    return {k: v for k, v in config["models"][entry_of(model)].items() if k != "seeds"}
 
 
 def spec(model):
     """The ModelSpec of a model key's type (perturb_repro.models.base.MODEL_SPECS)."""
-    return spec_of(config["models"][model]["type"])
+    return spec_of(config["models"][entry_of(model)]["type"])
 
 
 def params_of(model, dataset):
     """Hyper-parameters without the preset's `sampling` block (that goes into sampling_of): a sampler change
     does not retrain."""
     return training_params(
-        model_params(config["models"][model], dataset=dataset, dataset_cfg=config["datasets"][dataset], entry=model)
+        model_params(
+            config["models"][entry_of(model)],
+            dataset=dataset,
+            dataset_cfg=config["datasets"][dataset],
+            entry=entry_of(model),
+        )
     )
 
 
 def checkpoint_owner(model):
-    """The model key whose training job produced the checkpoint this model samples from."""
-    return config["models"][model].get("shares_checkpoint_with") or model
+    """The run key whose training job produced the checkpoint this run samples from (same replicate seed)."""
+    owner = config["models"][entry_of(model)].get("shares_checkpoint_with")
+    return run_key(owner, run_seed(model)) if owner else model
 
 
 def sampling_of(model, dataset=None):
     """Global sampling settings, then the preset's `sampling` block on `dataset` (none without one), then the
-    model entry's own settings (perturb_repro.config.sampling_settings)."""
-    entry = config["models"][model]
+    model entry's own settings (perturb_repro.config.sampling_settings); an entry with `seeds` samples each run
+    with its replicate seed."""
+    entry = config["models"][entry_of(model)]
     preset = model_params(entry, dataset=dataset) if dataset is not None else None
-    return sampling_settings(config["sampling"], entry, preset)
+    seed = {"seed": run_seed(model)} if entry.get("seeds") else {}
+    return {**sampling_settings(config["sampling"], entry, preset), **seed}
 
 
 def params_hash(model, dataset):
@@ -208,7 +286,7 @@ MODEL_RESOURCE_DEFAULTS = {
 def model_resources(model, stage, key):
     """Per-model cluster resources: a stage block (``train``/``autoencoder``/``sample``) over the top-level keys
     over the stage's default."""
-    block = config["models"][model].get("resources", {})
+    block = config["models"][entry_of(model)].get("resources", {})
     return block.get(stage, {}).get(key, block.get(key, MODEL_RESOURCE_DEFAULTS[stage][key]))
 
 
@@ -248,7 +326,7 @@ def is_data_parallel(model, stage):
 
 
 def data_parallel_models(stage):
-    return [m for m in MODELS if is_data_parallel(m, stage)]
+    return run_keys(m for m in config["models"] if is_data_parallel(m, stage))
 
 
 def model_constraint(models):
@@ -275,9 +353,8 @@ def model_source_files(model):
 
 
 def all_targets():
-    targets = [
-        f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "perturbench.csv", "provenance.json")
-    ]
+    targets = [f"results/{d}/{m}/{name}" for d, m in PAIRS for name in ("metrics.csv", "perturbench.csv")]
+    targets += [f"results/{d}/{run}/provenance.json" for d, m in PAIRS for run in run_keys([m])]  # one per seed
     targets += [f"results/tables/{t}.{ext}" for t in TABLES + ["scfate_table1"] for ext in ("csv", "md")]
     targets.append("results/report.html")
     return targets
@@ -388,8 +465,8 @@ def sampler_of(model, dataset=None):
     return {k: v for k, v in sampling_of(model, dataset).items() if k != "shards"}
 
 
-SHARDED_MODELS = sorted(m for m in config["models"] if sampling_shards(m) > 1)
-UNSHARDED_MODELS = sorted(m for m in config["models"] if sampling_shards(m) == 1)
+SHARDED_MODELS = run_keys(sorted(m for m in config["models"] if sampling_shards(m) > 1))  # run keys
+UNSHARDED_MODELS = run_keys(sorted(m for m in config["models"] if sampling_shards(m) == 1))
 
 
 def sample_shard_files(wildcards):

@@ -30,7 +30,7 @@ rule train_autoencoder:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
         params_hash=lambda w: params_hash(w.model, w.dataset),
-        seed=lookup(dpath="sampling/seed", within=config),
+        seed=lambda w: run_seed(w.model),
         stage="fit_autoencoder",
     log:
         "logs/train_autoencoder/{dataset}/{model}.log",
@@ -59,7 +59,7 @@ rule train_model:
         model_cfg=lambda w: model_cfg(w.model),
         params=lambda w: params_of(w.model, w.dataset),
         params_hash=lambda w: params_hash(w.model, w.dataset),
-        seed=lookup(dpath="sampling/seed", within=config),
+        seed=lambda w: run_seed(w.model),
     log:
         "logs/train/{dataset}/{model}.log",
     benchmark:

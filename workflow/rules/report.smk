@@ -41,8 +41,9 @@ rule report:
         perturbench=[f"results/{d}/{m}/perturbench.csv" for d, m in PAIRS],
         perturbench_per_condition=[f"results/{d}/{m}/perturbench_per_condition.csv" for d, m in PAIRS],
         splits=expand("results/{dataset}/split.csv", dataset=sorted({d for d, _ in PAIRS})),
-        predictions=[f"results/{d}/{m}/predictions.h5ad" for d, m in PAIRS],
-        checkpoints=[f"results/{d}/{checkpoint_owner(m)}/checkpoint" for d, m in PAIRS],
+        # a replicated entry's figures draw its first seed's run; its metrics are the aggregates over seeds
+        predictions=[f"results/{d}/{report_run(m)}/predictions.h5ad" for d, m in PAIRS],
+        checkpoints=[f"results/{d}/{checkpoint_owner(report_run(m))}/checkpoint" for d, m in PAIRS],
         truth=expand("results/{dataset}/test_truth.h5ad", dataset=sorted({d for d, _ in PAIRS})),
         pca=expand("results/{dataset}/pca.npz", dataset=sorted({d for d, _ in PAIRS})),
         summaries=expand("results/{dataset}/summary.json", dataset=sorted({d for d, _ in PAIRS})),

@@ -100,7 +100,7 @@ rule provenance:
             "scoring": config["scoring"],
             "esm2": config["esm2"],
         },
-        seed=lookup(dpath="sampling/seed", within=config),
+        seed=lambda w: run_seed(w.model),
         benchmarks=lambda w: [
             f"benchmarks/{stage}/{w.dataset}/{w.model}.tsv"
             for stage in ("train", "sample", "score_celleval", "score_perturbench")

@@ -70,14 +70,18 @@ def _device() -> str:
 
 
 def _benchmark_seconds(paths: Iterable[str]) -> dict[str, float]:
-    """Wall seconds of each job from its Snakemake benchmark file (first column ``s``)."""
+    """Wall seconds of each job from its Snakemake benchmark file (first column ``s``), keyed ``<stage>/<run>``:
+    benchmarks/<stage>/<dataset>/<run>.tsv, where a replicate's run is ``<model>/seeds/<seed>``."""
     out = {}
     for path in paths:
         p = Path(path)
         if p.exists():
             lines = p.read_text().splitlines()
             if len(lines) > 1:
-                out[p.parent.parent.name + "/" + p.stem] = float(lines[-1].split("\t")[0])
+                parts = p.with_suffix("").parts
+                at = parts.index("benchmarks") if "benchmarks" in parts else len(parts) - 3
+                key = "/".join([parts[at + 1], *parts[at + 3:]]) if len(parts) > at + 3 else f"{p.parent.parent.name}/{p.stem}"
+                out[key] = float(lines[-1].split("\t")[0])
     return out
 
 

@@ -7,6 +7,7 @@ never shows a broken link or image.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from perturb_repro.report.markup import note as _note
 from perturb_repro.report.markup import present as _present
 from perturb_repro.report.markup import status_cell as _status_cell
 from perturb_repro.tables.paper_table import OUTPUT_COLUMNS, STATUS_DESCRIPTIONS, STATUSES, format_value, status_counts
+from perturb_repro.tables.seed_spread import SEED_COLUMNS, format_reproduced, format_tolerance
 
 PathLike = str | os.PathLike
 
@@ -126,13 +128,15 @@ def _read_table_csv(path: PathLike) -> pd.DataFrame:
         # tables are the point of the report; a missing one is a wiring error, not an optional input
         raise PipelineInputError(src, "<file>", "table CSV does not exist")
     # reported must stay a string: "1.0000" carries the printed precision
-    text_columns = {c: str for c in OUTPUT_COLUMNS if c not in ("reproduced", "difference")}
+    text_columns = {c: str for c in OUTPUT_COLUMNS if c not in ("reproduced", "reproduced_std", "n_seeds", "difference", "tolerance")}
     try:
         frame = pd.read_csv(path, dtype=text_columns)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
     for column in OUTPUT_COLUMNS:
-        if column not in frame.columns:
+        if column in SEED_COLUMNS and column not in frame.columns:  # a table written before replicate seeds
+            frame[column] = math.nan
+        elif column not in frame.columns:
             raise PipelineInputError(src, column, "column is missing")
     unknown = sorted(set(frame["status"].astype(str)) - set(STATUSES))
     if unknown:
@@ -155,15 +159,17 @@ def _table_heading(csv_path: PathLike, md_or_title: str) -> tuple[str, str | Non
 
 
 def _table_section(frame: pd.DataFrame, title: str, source: str | None, anchor: str) -> str:
-    header = ["dataset", "run dataset", "model", "metric", "statistic", "reported", "reproduced", "difference", "status"]
+    header = ["dataset", "run dataset", "model", "metric", "statistic", "reported", "reproduced", "difference", "tolerance",
+              "status"]
     rows = []
     for row in frame.itertuples(index=False):
         rows.append(
             "<tr>"
             + "".join(f"<td>{_e(v)}</td>" for v in (row.dataset, row.run_dataset, row.model, row.metric, row.statistic))
             + f'<td class="num">{_e(row.reported)}</td>'
-            + f'<td class="num">{_e(format_value(row.reproduced, row.reported))}</td>'
+            + f'<td class="num">{_e(format_reproduced(row.reproduced, row.reproduced_std, row.n_seeds, row.reported))}</td>'
             + f'<td class="num">{_e(format_value(row.difference, row.reported, signed=True))}</td>'
+            + f'<td class="num">{_e(format_tolerance(row.tolerance, row.tolerance_from))}</td>'
             + _status_cell(str(row.status))
             + "</tr>"
         )

@@ -8,7 +8,8 @@ Optional fields (a spec without them loads exactly as before):
 
 * cell ``blank: true`` -- the printed cell holds no number (empty, or a marker such as ``N/A``,
   kept verbatim in ``reported``). Such a cell is recorded, never compared.
-* cell ``reported_std`` -- the ``± x`` part of a ``mean ± std`` cell, quoted like ``reported``.
+* cell ``reported_std`` -- the ``± x`` part of a ``mean ± std`` cell, quoted like ``reported``: the cell's
+  within-noise tolerance unless the cell sets its own ``tolerance`` (:meth:`TableSpec.tolerance_used`).
 * top-level ``assumptions`` -- ``{claim, evidence}`` mappings: readings of the source that are not
   stated in it, with the evidence for each.
 """
@@ -48,7 +49,8 @@ class CellSpec:
             text verbatim (``""`` or a marker such as ``"N/A"``).
         tolerance: Absolute tolerance for ``within-noise``; None means the table default.
         blank: The printed cell holds no number; it is recorded but never compared.
-        reported_std: The printed ``± std`` of the cell, if any.
+        reported_std: The printed ``± std`` of the cell, if any (its within-noise tolerance, see
+            :meth:`TableSpec.tolerance_used`).
     """
 
     dataset: str
@@ -119,9 +121,19 @@ class TableSpec:
         """Cells the source printed without a number."""
         return tuple(c for c in self.cells if c.blank)
 
+    def tolerance_used(self, cell: CellSpec) -> tuple[float, str]:
+        """The within-noise tolerance of ``cell`` and where it comes from (a reproduced table's
+        ``tolerance_from``): the cell's own ``tolerance`` ("cell"), else the paper's printed ``± std``
+        ("reported_std"; PRiMeFlow's is over five seeds), else the table default ("table_default")."""
+        if cell.tolerance is not None:
+            return cell.tolerance, "cell"
+        if cell.reported_std is not None:
+            return float(cell.reported_std), "reported_std"
+        return self.default_tolerance, "table_default"
+
     def tolerance_for(self, cell: CellSpec) -> float:
         """Return the tolerance that applies to ``cell``."""
-        return self.default_tolerance if cell.tolerance is None else cell.tolerance
+        return self.tolerance_used(cell)[0]
 
 
 def _finite(src: str, value: float | None, where: str) -> float | None:

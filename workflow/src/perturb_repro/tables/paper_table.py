@@ -4,7 +4,9 @@ A table spec (YAML, :mod:`perturb_repro.tables.paper_spec`, schema
 ``workflow/schemas/paper_table.schema.yaml``) lists every printed number as a string, so its printed
 precision survives. :func:`reproduce_table` looks each one up in the ``metrics.csv`` of the matching
 run and gives it a status; :func:`write_table` writes CSV + Markdown. A blank cell (the source printed
-no number) is ``not-comparable`` (or ``not-run``): our value is shown for information.
+no number) is ``not-comparable`` (or ``not-run``): our value is shown for information. A run over replicate
+seeds (its metrics.csv the aggregate of :mod:`perturb_repro.scoring.replicates`) is shown as mean ± std over
+seeds; a printed ``± std`` (``reported_std``) is the cell's within-noise tolerance unless it sets its own.
 
 CLI::
 
@@ -35,6 +37,7 @@ from perturb_repro.tables.paper_spec import (  # noqa: F401 - re-exported: calle
     load_table_spec,
 )
 from perturb_repro.tables.printed import format_value, is_match  # noqa: F401 - re-exported
+from perturb_repro.tables.seed_spread import STD_NOTE, format_reproduced, format_tolerance, seed_spread
 
 # Order matters: it is the order of the legend and of the summary line.
 STATUSES: tuple[str, ...] = (
@@ -48,7 +51,8 @@ STATUSES: tuple[str, ...] = (
 
 STATUS_DESCRIPTIONS: dict[str, str] = {
     "match": "reproduced value, rounded to the printed number of decimals, equals the printed value",
-    "within-noise": "|reproduced - reported| <= tolerance",
+    "within-noise": "|reproduced - reported| <= tolerance (column `tolerance`, from `tolerance_from`: the cell's own, "
+                    "else the paper's printed ± std, else the table default)",
     "mismatch": "differs by more than the tolerance",
     "unverifiable": "a value was reported but ours cannot be computed (NaN, or metric absent from metrics.csv)",
     "not-run": "the run this cell needs was not built or not configured",
@@ -65,7 +69,11 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "statistic",
     "reported",
     "reproduced",
+    "reproduced_std",
+    "n_seeds",
     "difference",
+    "tolerance",
+    "tolerance_from",
     "status",
 )
 
@@ -145,8 +153,12 @@ def reproduce_table(
             unmapped keys run under their own name.
 
     Returns:
-        One row per cell, columns ``dataset, run_dataset, model, metric, statistic, reported,
-        reproduced, difference, status`` (``reported`` is the printed string; ``reproduced`` and
+        One row per cell, columns :data:`OUTPUT_COLUMNS`: ``dataset, run_dataset, model, metric, statistic,
+        reported, reproduced, reproduced_std, n_seeds, difference, tolerance, tolerance_from, status``
+        (``reproduced`` is the mean over seeds for a replicated run, ``reproduced_std`` the std over seeds of
+        that statistic, NaN for one run; ``n_seeds`` empty when not run; ``tolerance``/``tolerance_from`` the
+        within-noise tolerance of a compared cell and its origin, :meth:`TableSpec.tolerance_used`, NaN/empty
+        when not compared; ``reported`` is the printed string; ``reproduced`` and
         ``difference = reproduced - reported`` are floats, NaN when not compared/computable; a blank
         cell's ``reported`` is ``(blank)`` or its printed marker in parentheses, e.g. ``(N/A)``).
 
@@ -167,7 +179,11 @@ def reproduce_table(
             "statistic": cell.statistic,
             "reported": cell.reported_label,
             "reproduced": math.nan,
+            "reproduced_std": math.nan,
+            "n_seeds": None,
             "difference": math.nan,
+            "tolerance": math.nan,
+            "tolerance_from": "",
         }
         metrics_path = metrics_by_run.get((run_dataset, cell.model))
         if metrics_path is None:
@@ -193,17 +209,21 @@ def reproduce_table(
 
         reproduced = float(metrics.at[cell.metric, cell.statistic]) if cell.metric in metrics.index else math.nan
         row["reproduced"] = reproduced
+        row["reproduced_std"], row["n_seeds"] = seed_spread(metrics, cell.metric, cell.statistic)
         if scale == "demo" or cell.blank:
             row["status"] = "not-comparable"
         else:
-            row["status"] = _status_for(cell, reproduced, spec.tolerance_for(cell))
+            tolerance, row["tolerance_from"] = spec.tolerance_used(cell)
+            row["tolerance"] = tolerance
+            row["status"] = _status_for(cell, reproduced, tolerance)
             if math.isfinite(reproduced):
                 row["difference"] = reproduced - cell.reported_value
         rows.append(row)
 
     frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-    frame["reproduced"] = frame["reproduced"].astype(float)
-    frame["difference"] = frame["difference"].astype(float)
+    for column in ("reproduced", "reproduced_std", "difference", "tolerance"):
+        frame[column] = frame[column].astype(float)
+    frame["n_seeds"] = frame["n_seeds"].astype("Int64")  # empty when not run
     return frame
 
 
@@ -220,7 +240,8 @@ def render_markdown(frame: pd.DataFrame, spec: TableSpec) -> str:
     """Render a reproduced table as Markdown (see :func:`write_table`)."""
     lines = md_source_header(spec.title, spec.source_seed, spec.source_section, spec.path)
     lines += [
-        f"Tolerance for within-noise: {spec.default_tolerance:g} absolute unless a cell overrides it; {md_cell(spec.tolerance_source)}",
+        f"Tolerance for within-noise: {spec.default_tolerance:g} absolute unless a cell sets its own or the paper "
+        f"printed a ± std for it (then that std); the `tolerance` column says which. {md_cell(spec.tolerance_source)}",
         "",
     ]
     lines += md_bullets("Notes:", spec.notes)
@@ -237,10 +258,12 @@ def render_markdown(frame: pd.DataFrame, spec: TableSpec) -> str:
     lines += md_bullets("Status legend:", [f"`{status}`: {STATUS_DESCRIPTIONS[status]}" for status in STATUSES])
     lines.append(
         "Reproduced values and differences are shown at the printed precision + 2 digits; "
-        "`n/a` means the value is undefined (never read it as 0)."
+        "`n/a` means the value is undefined (never read it as 0). A run over two or more seeds shows "
+        f"mean ± std over its seeds ({STD_NOTE}) and the seed count."
     )
     lines.append("")
-    header = ["dataset", "run dataset", "model", "metric", "statistic", "reported", "reproduced", "difference", "status"]
+    header = ["dataset", "run dataset", "model", "metric", "statistic", "reported", "reproduced", "difference",
+              "tolerance", "status"]
     rows = (
         [
             row.dataset,
@@ -249,13 +272,14 @@ def render_markdown(frame: pd.DataFrame, spec: TableSpec) -> str:
             row.metric,
             row.statistic,
             row.reported,
-            format_value(row.reproduced, row.reported),
+            format_reproduced(row.reproduced, row.reproduced_std, row.n_seeds, row.reported),
             format_value(row.difference, row.reported, signed=True),
+            format_tolerance(row.tolerance, row.tolerance_from),
             row.status,
         ]
         for row in frame.itertuples(index=False)
     )
-    lines += md_table(header, "lllllrrrl", rows)
+    lines += md_table(header, "lllllrrrrl", rows)
     lines.append("")
     summary = ", ".join(f"{status} {count}" for status, count in status_counts(frame["status"]).items())
     lines.append(f"Status summary ({len(frame)} cells): {summary}")
