@@ -174,3 +174,38 @@ def test_perturbench_merge_names_a_missing_condition(grouped_files, tmp_path):
     with pytest.raises(PipelineInputError, match="missing"):
         merge_perturbench(parts, truth, control, tmp_path / "pc.csv", tmp_path / "summary.csv", **PB_ARGS)
     assert not (tmp_path / "pc.csv").exists() and not (tmp_path / "summary.csv").exists()
+
+
+def test_grouped_celleval_shards_merged_equal_one_run(grouped_files):
+    """Covariate groups: shards are sliced group by group and carry only their groups' controls; merged == one run."""
+    from perturb_repro.scoring.celleval import _subset
+
+    d, control = grouped_files
+    pred, truth = d / "predictions.h5ad", d / "test_truth.h5ad"
+    keys = sorted({(c, g) for c, g in ad.read_h5ad(truth, backed="r").obs[[PERT_COL, "cell_line"]].astype(str).to_numpy().tolist()
+                   if c != control})
+    first = shard_keys(keys, 0, 3)
+    assert {g for _, g in first} == {GROUPS[0]}  # 12 keys, 3 groups of 4, 3 shards: one group each
+    _subset(truth, PERT_COL, control, ("cell_line",), set(first), d / "sub.h5ad")
+    sub = ad.read_h5ad(d / "sub.h5ad")
+    assert set(sub.obs["cell_line"]) == {GROUPS[0]} and (sub.obs[PERT_COL] == control).sum() == 30
+    out = d / "celleval"
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(score, pred, truth, PERT_COL, control, out / "one" / "metrics.csv", out / "one" / "per_condition.csv",
+                            profile="full", workdir=out / "scratch")]
+        jobs += [pool.submit(score_shard, pred, truth, PERT_COL, control, i, 2, out / f"shard{i}.csv", profile="full",
+                             workdir=out / "scratch") for i in range(2)]
+        jobs.append(pool.submit(score_cross, pred, truth, PERT_COL, control, out / "cross.csv", profile="full",
+                                workdir=out / "scratch"))
+        for job in jobs:
+            job.result()
+    merge_shards([out / f"shard{i}.csv" for i in range(2)], out / "cross.csv", truth, PERT_COL, control,
+                 out / "merged" / "metrics.csv", out / "merged" / "per_condition.csv")
+    labels = {"perturbation": str, "cell_line": str}
+    one = pd.read_csv(out / "one" / "per_condition.csv", dtype=labels)
+    merged = pd.read_csv(out / "merged" / "per_condition.csv", dtype=labels)
+    assert len(one) == 12 and list(merged.columns) == list(one.columns)
+    pd.testing.assert_frame_equal(merged, one, check_exact=False, rtol=1e-12, atol=1e-12)
+    m_one = pd.read_csv(out / "one" / "metrics.csv").set_index("metric")
+    m_merged = pd.read_csv(out / "merged" / "metrics.csv").set_index("metric")
+    pd.testing.assert_frame_equal(m_merged, m_one, check_exact=False, rtol=1e-12, atol=1e-12)

@@ -523,16 +523,117 @@ def scfate_log_files(wildcards):
     return [str(p) for p in log_files(config.get("audit", {}).get("scfate_logs") or None)]
 
 
+# ---- Scoring: shards per (dataset, model), resources from the input size (issue 15) ------------------------
+# `scoring.shards` is global, per dataset (`datasets.<d>.scoring.shards`) and per model entry
+# (`models.<key>.scoring.shards`); the most specific wins. cell-eval shards split the test conditions (every
+# shard with all controls); PerturBench shards split the covariate groups (perturb_repro/scoring/pb_shards.py).
+# Memory/runtime follow the bytes a job reads: cell-eval ~2.1 x its share of both files, PerturBench ~1.7 x
+# (in-memory copies of its cells; bench_scale.py), plus a fixed part. PerturBench's time is dominated by the energy
+# cross sums, (predicted cells x true cells x genes) per group: ~2,000 CPU s per (GB of predictions x GB of truth)
+# at ~6,500 genes, split over shards and threads (measured with bench_scale.py; rounded up). Before the files exist
+# (dry runs) the dataset's estimate below is used.
+def score_shards(dataset, model):
+    for scope in (config["models"][model].get("scoring") or {}, config["datasets"][dataset].get("scoring") or {},
+                  config["scoring"]):
+        if scope.get("shards"):
+            return int(scope["shards"])
+    return 1
+
+
+# GB of predictions.h5ad (1,000 cells per test condition, dense float32) and test_truth.h5ad of a paper dataset,
+# and its number of covariate groups among the test cells (group_by; PerturBench's energy sums are within groups)
+SCORING_SIZE_ESTIMATES = {
+    "norman": (2.6, 0.9, 1),
+    "replogle": (27.5, 3.1, 1),
+    "cd4": (148.0, 50.0, 12),
+    "norman19": (3.0, 0.6, 1),
+    "srivatsan20": (2.0, 0.5, 3),
+    "jiang24": (20.0, 4.0, 1),
+}
+# rule -> (fixed MB, MB per GB held, fixed minutes, minutes per GB held)
+SCORING_RESOURCE_MODEL = {
+    "score_predictions": (4000, 2200, 15, 6),
+    "score_shard": (4000, 2200, 15, 6),
+    "score_cross": (4000, 2200, 15, 3),
+    "score_perturbench": (3000, 1800, 15, 1),
+    "score_perturbench_shard": (3000, 1800, 15, 1),
+}
+# energy cross sums: single-thread CPU s per (GB of one group's predictions x GB of its truth), at 3,699 genes
+# (the cost per GB^2 falls as 1/genes: conservative for the wider panels)
+PERTURBENCH_CPU_S_PER_GB2 = 3600
+CONTROL_SHARE = 0.15  # share of a truth/prediction file that is control cells, read by every cell-eval shard
+
+
+def _scoring_gb(wildcards, input):
+    """(prediction GB, truth GB, covariate groups): the files' sizes when they exist, else the estimate."""
+    est_pred, est_truth, groups = SCORING_SIZE_ESTIMATES.get(wildcards.dataset, (1.0, 0.5, 1))
+    pred, truth = (_existing_gb([input.pred]), _existing_gb([input.truth]))
+    if pred > 0 and truth > 0:
+        return pred, truth, groups
+    return est_pred, est_truth, groups
+
+
+def _scoring_share(step, wildcards):
+    """Share of both files one job of ``step`` holds: all, or one shard's conditions/groups (+ controls)."""
+    n = score_shards(wildcards.dataset, wildcards.model)
+    groups = SCORING_SIZE_ESTIMATES.get(wildcards.dataset, (0, 0, 1))[2]
+    if step == "score_shard":  # its conditions + the controls of its groups (shards are sliced group by group)
+        return min(1.0, 1.0 / n + CONTROL_SHARE * max(1.0 / groups, 1.0 / n))
+    if step == "score_cross":  # one covariate group at a time (grouped data; else both whole files)
+        return 1.0 / groups if config["datasets"][wildcards.dataset].get("group_by") else 1.0
+    if step == "score_perturbench_shard":  # its groups (assumed even; the whole truth is only streamed, for the PCA)
+        return 1.0 / min(n, groups)
+    if step in ("score_predictions", "score_perturbench") and n > 1:  # the merge: CSVs and the truth's obs only
+        return 0.0
+    return 1.0
+
+
+def scoring_mem_mb(step):
+    fixed_mb, mb_per_gb, _, _ = SCORING_RESOURCE_MODEL[step]
+
+    def resource(wildcards, input, attempt):
+        pred, truth, _ = _scoring_gb(wildcards, input)
+        return int(min((fixed_mb + mb_per_gb * (pred + truth) * _scoring_share(step, wildcards)) * attempt, DATA_MEM_CAP_MB))
+
+    return resource
+
+
+def scoring_runtime(step):
+    _, _, fixed_min, min_per_gb = SCORING_RESOURCE_MODEL[step]
+
+    def resource(wildcards, input, attempt):
+        pred, truth, groups = _scoring_gb(wildcards, input)
+        share = _scoring_share(step, wildcards)
+        minutes = fixed_min + min_per_gb * (pred + truth) * share
+        if step.startswith("score_perturbench") and share > 0:  # sum over the job's groups of pred_g x truth_g
+            threads = max(1, int(config["scoring"].get("threads", 1)))
+            minutes += PERTURBENCH_CPU_S_PER_GB2 * pred * truth / groups * share / 60 / threads
+        return int(min(minutes * attempt, DATA_RUNTIME_CAP_MIN))
+
+    return resource
+
+
 def celleval_inputs(w):
     """score_celleval's inputs: with scoring.shards > 1 also every shard's and the cross-condition scores."""
     base = {
         "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
         "truth": f"results/{w.dataset}/test_truth.h5ad",
     }
-    n = config["scoring"]["shards"]
+    n = score_shards(w.dataset, w.model)
     if n > 1:
         base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
         base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
+    return base
+
+
+def perturbench_inputs(w):
+    base = {
+        "pred": f"results/{w.dataset}/{w.model}/predictions.h5ad",
+        "truth": f"results/{w.dataset}/test_truth.h5ad",
+    }
+    n = score_shards(w.dataset, w.model)
+    if n > 1:
+        base["shards"] = [f"results/{w.dataset}/{w.model}/perturbench_shards/shard{i}_of_{n}.csv" for i in range(n)]
     return base
 
 

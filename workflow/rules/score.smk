@@ -1,7 +1,7 @@
 # cell-eval scoring of one model's predictions against the real test cells.
 #
 # Rule names: score_<scorer>[_<part>] (score_celleval, score_celleval_shard, score_celleval_cross, score_perturbench).
-# scoring.shards = 1: one job. > 1: score_celleval_shard scores each of N deterministic shards of the test
+# scoring.shards (global, per dataset or per model entry; common.smk score_shards) = 1: one job. > 1: score_celleval_shard scores each of N deterministic shards of the test
 # conditions (every shard with all control cells), score_celleval_cross computes the cross-condition metrics
 # (discrimination_score_*, pearson_edistance, clustering_agreement) once over all conditions, and
 # score_celleval merges them into the same metrics.csv / per_condition.csv (aggregates recomputed from
@@ -17,14 +17,15 @@ rule score_celleval:
     params:
         profile=lookup(dpath="scoring/profile", within=config),
         control=lookup(dpath="datasets/{dataset}/control_label", within=config),
-        shards=lookup(dpath="scoring/shards", within=config),
+        shards=lambda w: score_shards(w.dataset, w.model),
     log:
         "logs/score_celleval/{dataset}/{model}.log",
     benchmark:
         "benchmarks/score_celleval/{dataset}/{model}.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=8000,
+        mem_mb=scoring_mem_mb("score_predictions"),
+        runtime=scoring_runtime("score_predictions"),
     conda:
         ENV
     script:
@@ -51,7 +52,8 @@ rule score_celleval_shard:
         "benchmarks/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=8000,
+        mem_mb=scoring_mem_mb("score_shard"),
+        runtime=scoring_runtime("score_shard"),
     conda:
         ENV
     script:
@@ -74,7 +76,8 @@ rule score_celleval_cross:
         "benchmarks/score_celleval/{dataset}/{model}.cross.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=8000,
+        mem_mb=scoring_mem_mb("score_cross"),
+        runtime=scoring_runtime("score_cross"),
     conda:
         ENV
     script:
@@ -117,18 +120,51 @@ rule provenance:
 
 rule score_perturbench:
     input:
-        pred="results/{dataset}/{model}/predictions.h5ad",
-        truth="results/{dataset}/test_truth.h5ad",
+        unpack(perturbench_inputs),
     output:
         summary="results/{dataset}/{model}/perturbench.csv",
         per_condition="results/{dataset}/{model}/perturbench_per_condition.csv",
     params:
         control=lookup(dpath="datasets/{dataset}/control_label", within=config),
         options=lookup(dpath="scoring/perturbench", within=config, default={}),
+        shards=lambda w: score_shards(w.dataset, w.model),
     log:
         "logs/score_perturbench/{dataset}/{model}.log",
     benchmark:
         "benchmarks/score_perturbench/{dataset}/{model}.tsv"
+    threads: config["scoring"].get("threads", 1)
+    resources:
+        mem_mb=scoring_mem_mb("score_perturbench"),
+        runtime=scoring_runtime("score_perturbench"),
+    conda:
+        ENV
+    script:
+        "../scripts/score_perturbench.py"
+
+
+# PerturBench in shards of covariate groups (scoring.shards > 1), merged by score_perturbench.
+rule score_perturbench_shard:
+    input:
+        pred="results/{dataset}/{model}/predictions.h5ad",
+        truth="results/{dataset}/test_truth.h5ad",
+    output:
+        temp("results/{dataset}/{model}/perturbench_shards/shard{shard}_of_{n}.csv"),
+    wildcard_constraints:
+        shard=r"\d+",
+        n=r"\d+",
+    params:
+        control=lambda w: config["datasets"][w.dataset]["control_label"],
+        options=config["scoring"].get("perturbench", {}),
+        shard=lambda w: int(w.shard),
+        shards=lambda w: int(w.n),
+    log:
+        "logs/score_perturbench/{dataset}/{model}.shard{shard}_of_{n}.log",
+    benchmark:
+        "benchmarks/score_perturbench/{dataset}/{model}.shard{shard}_of_{n}.tsv"
+    threads: config["scoring"].get("threads", 1)
+    resources:
+        mem_mb=scoring_mem_mb("score_perturbench_shard"),
+        runtime=scoring_runtime("score_perturbench_shard"),
     conda:
         ENV
     script:

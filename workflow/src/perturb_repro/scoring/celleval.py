@@ -122,8 +122,10 @@ def _worker_main(argv: list[str]) -> int:
         compute_kwargs["skip_metrics"] = [m for m in metrics_registry.list_metrics() if not is_cross_condition(m)]
 
     start = time.perf_counter()
-    pred = ad.read_h5ad(args.pred)
-    truth = ad.read_h5ad(args.truth)
+    # per group, only that group's cells are brought into memory (backed files); without groups, both whole
+    backed = "r" if group_by else None
+    pred = ad.read_h5ad(args.pred, backed=backed)
+    truth = ad.read_h5ad(args.truth, backed=backed)
     if not group_by:
         evaluator = MetricsEvaluator(
             adata_pred=pred,
@@ -177,6 +179,11 @@ def _group_key_array(adata: ad.AnnData, group_by: list[str]) -> np.ndarray:
     return adata.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
 
 
+def _take(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
+    """The masked cells in memory: read from disk when ``adata`` is backed, else copied."""
+    return adata[np.flatnonzero(mask)].to_memory() if adata.isbacked else adata[mask].copy()
+
+
 def _score_groups(
     pred: ad.AnnData, truth: ad.AnnData, args, group_by: list[str], evaluator_cls, extra=None, compute_kwargs=None,
 ) -> None:
@@ -192,8 +199,8 @@ def _score_groups(
     frames = []
     for i, key in enumerate(sorted(set(t_keys[is_test]))):
         evaluator = evaluator_cls(
-            adata_pred=pred[p_keys == key].copy(),
-            adata_real=truth[t_keys == key].copy(),
+            adata_pred=_take(pred, p_keys == key),
+            adata_real=_take(truth, t_keys == key),
             control_pert=args.control,
             pert_col=args.pert_col,
             num_threads=args.threads,
@@ -437,11 +444,12 @@ def _condition_keys(truth: ad.AnnData, pert_col: str, control_label: str, group_
 
 
 def shard_keys(keys: list[tuple], shard: int, n_shards: int) -> list[tuple]:
-    """The ``shard``-th of ``n_shards`` contiguous, near-equal slices of the sorted keys (deterministic)."""
+    """The ``shard``-th of ``n_shards`` contiguous, near-equal slices of the (condition, *group) keys sorted by
+    group, then condition (deterministic): a shard spans few groups, so it needs only their controls."""
     if not 0 <= shard < n_shards:
         raise PipelineInputError("score_shard()", "shard", f"must be in 0..{n_shards - 1}, got {shard}")
     bounds = np.linspace(0, len(keys), n_shards + 1).round().astype(int)
-    return sorted(keys)[bounds[shard] : bounds[shard + 1]]
+    return sorted(keys, key=lambda k: (k[1:], k[0]))[bounds[shard] : bounds[shard + 1]]
 
 
 def _cell_keys(adata: ad.AnnData, pert_col: str, group_by: tuple[str, ...]) -> list[tuple]:
@@ -451,13 +459,16 @@ def _cell_keys(adata: ad.AnnData, pert_col: str, group_by: tuple[str, ...]) -> l
 
 
 def _subset(path: Path, pert_col: str, control_label: str, group_by: tuple[str, ...], keep: set, out: Path) -> None:
-    """Write the cells of ``keep`` (condition, *group) keys plus every control cell of ``path`` to ``out``.
+    """Write the cells of ``keep`` (condition, *group) keys plus the control cells of their groups to ``out``
+    (every control without ``group_by``: cell-eval scores a group's conditions against that group's controls).
 
     Read backed, so only the selected rows come into memory.
     """
     adata = ad.read_h5ad(path, backed="r")
     labels = adata.obs[pert_col].astype(str).to_numpy()
-    mask = np.array([k in keep for k in _cell_keys(adata, pert_col, group_by)]) | (labels == control_label)
+    cell_keys = _cell_keys(adata, pert_col, group_by)
+    groups = {k[1:] for k in keep}
+    mask = np.array([k in keep or (c == control_label and k[1:] in groups) for k, c in zip(cell_keys, labels)], dtype=bool)
     sub = adata[np.flatnonzero(mask)].to_memory()
     adata.file.close()
     sub.write_h5ad(out)
@@ -527,16 +538,20 @@ def score_cross(
 ) -> None:
     """The profile's cross-condition metrics on all conditions at once (no DE); writes a per-condition CSV.
 
-    Header-only (label columns) when the profile has none. Needs both whole files in memory, but runs only
-    the pseudobulk/e-distance/centroid metrics, not the DE tests that dominate cell-eval's cost.
+    Header-only (label columns) when the profile has none. Runs only the pseudobulk/e-distance/centroid metrics,
+    not the DE tests that dominate cell-eval's cost. With ``group_by`` the worker holds one group's cells at a
+    time; without, both whole files. The prediction contract is checked by the shards (:func:`score_shard`, each
+    on its conditions with all controls), which together cover every condition; here only the obs are read.
     """
     pred_path, truth_path, results_out = Path(pred_path), Path(truth_path), Path(results_out)
     _remove(results_out)
-    pred, truth = ad.read_h5ad(pred_path), ad.read_h5ad(truth_path)
+    for path in (pred_path, truth_path):
+        if not path.is_file():
+            raise PipelineInputError(path, "(file)", "does not exist")
+    truth = ad.read_h5ad(truth_path, backed="r")
     group_by = tuple(group_columns(truth))
-    check_prediction(pred, truth, pert_col, control_label, str(pred_path), str(truth_path), list(group_by))
     keys = _condition_keys(truth, pert_col, control_label, group_by)
-    del pred, truth
+    truth.file.close()
     from cell_eval._pipeline import MetricPipeline  # which metrics the profile computes
 
     if not any(is_cross_condition(m) for m in MetricPipeline(profile=profile)._metrics):
