@@ -276,3 +276,70 @@ def test_preprocess_with_a_fixed_panel_does_not_copy_the_matrix(small):
     table = make_split(condition_pairs(loaded.obs, [DONOR, TIME]), CONTROL, "cd4_context_holdout", seed=0)
     out = preprocess(loaded, table, cfg, "split.csv")
     assert np.shares_memory(out.X.data, x_data) and np.shares_memory(out.layers["counts"].data, counts_data)
+
+
+@pytest.mark.parametrize("keep_counts", [True, False])
+def test_streamed_preprocess_equals_in_memory_preprocess(small, tmp_path, keep_counts):
+    """preprocess_streamed (windows appended to the file) writes what preprocess() writes from the reader's whole
+    in-memory result: obs, var, uns, X and counts, values and CSR structure."""
+    from perturb_repro.data.preprocess import preprocess, preprocess_streamed, summary
+    from perturb_repro.data.split import condition_pairs, make_split
+    from perturb_repro.io import write_h5ad
+
+    raw, _adata, _genes, panel = small
+    cfg = dict(_cfg(raw, panel, 293), name="cd4", covariates=[DONOR, TIME],
+               preprocess={"target_sum": 10000, "keep_counts": keep_counts, "n_top_genes": None},
+               split={"recipe": "cd4_context_holdout", "seed": 0})
+    loaded = load_source(raw, cfg, verify=False)
+    table = make_split(condition_pairs(loaded.obs, [DONOR, TIME]), CONTROL, "cd4_context_holdout", seed=0)
+    expected = preprocess(loaded, table.copy(), cfg, "split.csv")
+    write_h5ad(expected, tmp_path / "memory.h5ad")
+    got_summary = preprocess_streamed(str(raw), table.copy(), cfg, "split.csv", str(tmp_path / "streamed.h5ad"))
+    a, b = ad.read_h5ad(tmp_path / "memory.h5ad"), ad.read_h5ad(tmp_path / "streamed.h5ad")
+    assert got_summary == summary(expected) and set(b.obs["split"]) == {"train", "val", "test"}
+    pd.testing.assert_frame_equal(b.obs, a.obs)
+    pd.testing.assert_frame_equal(b.var, a.var)
+    assert b.uns["dataset"] == a.uns["dataset"] and list(b.uns["group_by"]) == list(a.uns["group_by"])
+    assert set(b.layers) == set(a.layers) == ({"counts"} if keep_counts else set())
+    for x, y in [(a.X, b.X)] + ([(a.layers["counts"], b.layers["counts"])] if keep_counts else []):
+        assert sp.isspmatrix_csr(y) or isinstance(y, sp.csr_array)
+        np.testing.assert_array_equal(y.indptr, x.indptr)
+        np.testing.assert_array_equal(y.indices, x.indices)
+        np.testing.assert_array_equal(y.data, x.data)
+        assert y.dtype == np.float32
+
+
+def test_streamed_preprocess_holds_one_window_not_the_matrix(tmp_path):
+    """The traced peak of the streamed preprocess step is below the processed file's own sparse arrays."""
+    import yaml
+    from conftest import REPO
+    from perturb_repro.steps import preprocess_step, split_step
+
+    raw = tmp_path / "big.h5ad"
+    adata = _write_fixture(raw, 20_000, 2_000, density=0.3, seed=6)  # panel arrays ~100 MB, obs a few MB
+    panel = _panel(tmp_path, list(adata.var_names[::2]))
+    del adata
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
+    cfg = dict(cfg, name="cd4", source=dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=500))
+    split_step(str(raw), cfg, str(tmp_path / "split.csv"))
+    tracemalloc.start()
+    preprocess_step(str(raw), str(tmp_path / "split.csv"), cfg, str(tmp_path / "p.h5ad"), str(tmp_path / "s.json"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    processed = ad.read_h5ad(tmp_path / "p.h5ad")
+    arrays = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (processed.X, processed.layers["counts"]))
+    print(f"peak {peak / 2**20:.1f} MiB, processed sparse arrays {arrays / 2**20:.1f} MiB")
+    assert peak < arrays / 2, f"peak {peak / 2**20:.1f} MiB vs {arrays / 2**20:.1f} MiB"
+
+
+def test_streamed_preprocess_needs_a_fixed_panel(small, tmp_path):
+    from perturb_repro.data.preprocess import preprocess_streamed
+    from perturb_repro.data.split import condition_pairs, make_split
+
+    raw, _adata, genes, panel = small
+    cfg = dict(_cfg(raw, panel, 500), preprocess={"n_top_genes": 20}, split={"recipe": "cd4_context_holdout", "seed": 0})
+    loaded = load_source(raw, cfg, obs_only=True, verify=False)
+    table = make_split(condition_pairs(loaded.obs, [DONOR, TIME]), CONTROL, "cd4_context_holdout", seed=0)
+    with pytest.raises(PipelineInputError, match="n_top_genes"):
+        preprocess_streamed(str(raw), table, cfg, "split.csv", str(tmp_path / "p.h5ad"))
+    assert not (tmp_path / "p.h5ad").exists()

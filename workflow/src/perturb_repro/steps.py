@@ -50,6 +50,12 @@ def split_step(raw: str, dataset_cfg: Mapping[str, Any], out_csv: str) -> None:
 
 
 def preprocess_step(raw: str, split_csv: str, dataset_cfg: Mapping[str, Any], out_h5ad: str, out_summary: str) -> None:
+    if dataset_cfg["source"].get("reader") == "backed_chunked":  # written chunk by chunk, never whole (CD4)
+        from .data.preprocess import preprocess_streamed
+
+        table = pd.read_csv(split_csv, keep_default_na=False)
+        write_text(json.dumps(preprocess_streamed(raw, table, dataset_cfg, split_csv, out_h5ad), indent=2), out_summary)
+        return
     adata = load_source(raw, dataset_cfg)
     processed = preprocess(adata, pd.read_csv(split_csv, keep_default_na=False), dataset_cfg, split_csv)
     write_h5ad(processed, out_h5ad)

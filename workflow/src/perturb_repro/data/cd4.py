@@ -113,6 +113,87 @@ def _normalise_block(block, rows: np.ndarray, columns: np.ndarray, target_sum: f
     return counts, logn, library
 
 
+class PanelChunks:
+    """The selected cells x gene panel of a large h5ad, served chunk by chunk (``with PanelChunks(...) as p``).
+
+    ``p.obs`` = the selected cells' obs (file order), ``p.var`` = the panel genes' var (panel order, indexed by
+    the panel), ``p.chunks()`` yields ``(panel counts, log-normalised panel, library size)`` per window of
+    ``source.chunk_size`` rows (CSR float32; windows without selected cells are skipped), in obs order.
+    """
+
+    def __init__(self, path: str | Path, dataset_cfg: Mapping[str, Any]):
+        source_cfg = dataset_cfg["source"]
+        self.source = str(path)
+        if not Path(path).is_file():
+            raise PipelineInputError(self.source, "source", "file does not exist")
+        if not source_cfg.get("gene_panel"):
+            raise PipelineInputError("config", "source.gene_panel", "reader backed_chunked needs a gene panel file")
+        self.chunk_size = int(source_cfg.get("chunk_size", DEFAULT_CHUNK_SIZE))
+        if self.chunk_size < 1:
+            raise PipelineInputError("config", "source.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        self.target_sum = float((dataset_cfg.get("preprocess") or {}).get("target_sum", 1e4))
+        self._cfg, self._path = dataset_cfg, path
+        self.n_chunks = 0
+
+    def __enter__(self) -> "PanelChunks":
+        try:
+            self._backed = ad.read_h5ad(self._path, backed="r")
+        except Exception as err:  # h5py raises many types for a damaged file
+            raise PipelineInputError(self.source, "h5ad", f"cannot be read as AnnData ({err})") from err
+        try:
+            self.mask = _filter_mask(self._backed.obs, self._cfg.get("obs_filter"), self.source)
+            self.obs = self._backed.obs.iloc[np.flatnonzero(self.mask)].copy()
+        except BaseException:
+            self._backed.file.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._backed.file.close()
+
+    def panel(self) -> tuple[list[str], np.ndarray, pd.DataFrame]:
+        """(panel genes, their columns in the file, their var rows indexed by the panel)."""
+        source_cfg, backed = self._cfg["source"], self._backed
+        panel = read_gene_panel(source_cfg["gene_panel"])
+        var_column = source_cfg.get("var_column")
+        if var_column and var_column not in backed.var:
+            raise PipelineInputError(self.source, f"var['{var_column}']", "column named in source.var_column is missing")
+        names = pd.Index(backed.var[var_column].astype(str)) if var_column else pd.Index(backed.var_names.astype(str))
+        columns = _panel_columns(names, panel, self.source, str(source_cfg["gene_panel"]))
+        var = backed.var.iloc[columns].copy()
+        var.index = pd.Index(panel)
+        return panel, columns, var
+
+    def value_scan(self) -> ValueScan:
+        """A scan of the raw values (every gene of the selected cells) for :meth:`chunks` to fill."""
+        return ValueScan(self.source, "X", list(self._backed.var_names.astype(str)))
+
+    def chunks(self, columns: np.ndarray, scan: ValueScan | None = None):
+        backed = self._backed
+        cell_names = backed.obs_names.to_numpy()
+        for lo in range(0, backed.n_obs, self.chunk_size):
+            hi = min(lo + self.chunk_size, backed.n_obs)
+            rows = np.flatnonzero(self.mask[lo:hi])
+            if rows.size == 0:
+                continue
+            self.n_chunks += 1
+            block = _read_block(backed.X, lo, hi)
+            if scan is not None:
+                scan.update(block[rows], cell_names[lo + rows])
+            yield _normalise_block(block, rows, columns, self.target_sum)
+
+
+def check_counts(scan: ValueScan, dataset_cfg: Mapping[str, Any]) -> None:
+    """Refuse a file whose selected cells are not raw counts (the reader normalises them itself)."""
+    scan.check("counts", f"datasets.{dataset_cfg.get('name', '<dataset>')}.source.reader: backed_chunked",
+               "this reader normalises raw counts itself; a log-normalised file needs the memory reader")
+
+
+def warn_if_not_counts(counts: sp.csr_matrix, source: str) -> None:
+    if np.any(counts.data < 0) or not np.allclose(counts.data, np.round(counts.data)):
+        logger.warning("%s: X does not look like raw counts (negative or non-integer values)", source)
+
+
 def read_backed_chunked(path: str | Path, dataset_cfg: Mapping[str, Any], obs_only: bool = False) -> ad.AnnData:
     """Selected cells x gene panel from a large h5ad, read in row chunks (see the module docstring).
 
@@ -125,62 +206,29 @@ def read_backed_chunked(path: str | Path, dataset_cfg: Mapping[str, Any], obs_on
 
     Returns:
         AnnData with CSR float32 ``X`` (log-normalised) and ``layers["counts"]``, var = panel genes in
-        panel order, obs of the selected cells plus ``library_size``.
+        panel order, obs of the selected cells plus ``library_size``. (The preprocessing rule does not hold
+        this whole: :func:`perturb_repro.data.preprocess.preprocess_streamed` writes the chunks as they come.)
     """
-    source_cfg = dataset_cfg["source"]
-    source = str(path)
-    if not Path(path).is_file():
-        raise PipelineInputError(source, "source", "file does not exist")
-    if not source_cfg.get("gene_panel"):
-        raise PipelineInputError("config", "source.gene_panel", "reader backed_chunked needs a gene panel file")
-    chunk_size = int(source_cfg.get("chunk_size", DEFAULT_CHUNK_SIZE))
-    if chunk_size < 1:
-        raise PipelineInputError("config", "source.chunk_size", f"must be >= 1, got {chunk_size}")
-    target_sum = float((dataset_cfg.get("preprocess") or {}).get("target_sum", 1e4))
-    try:
-        backed = ad.read_h5ad(path, backed="r")
-    except Exception as err:  # h5py raises many types for a damaged file
-        raise PipelineInputError(source, "h5ad", f"cannot be read as AnnData ({err})") from err
-    try:
-        mask = _filter_mask(backed.obs, dataset_cfg.get("obs_filter"), source)
-        obs = backed.obs.iloc[np.flatnonzero(mask)].copy()
+    reader = PanelChunks(path, dataset_cfg)
+    with reader:
+        obs = reader.obs
         if obs_only:
             return ad.AnnData(obs=obs)
-        panel = read_gene_panel(source_cfg["gene_panel"])
-        var_column = source_cfg.get("var_column")
-        if var_column and var_column not in backed.var:
-            raise PipelineInputError(source, f"var['{var_column}']", "column named in source.var_column is missing")
-        names = pd.Index(backed.var[var_column].astype(str)) if var_column else pd.Index(backed.var_names.astype(str))
-        columns = _panel_columns(names, panel, source, str(source_cfg["gene_panel"]))
+        _, columns, var = reader.panel()
         counts_blocks, x_blocks, libraries = [], [], []
-        n_chunks = 0
-        # every gene of the selected cells feeds the library size: the whole window is checked, in this pass
-        scan, cell_names = ValueScan(source, "X", list(backed.var_names.astype(str))), backed.obs_names.to_numpy()
-        for lo in range(0, backed.n_obs, chunk_size):
-            hi = min(lo + chunk_size, backed.n_obs)
-            rows = np.flatnonzero(mask[lo:hi])
-            if rows.size == 0:
-                continue
-            block = _read_block(backed.X, lo, hi)
-            scan.update(block[rows], cell_names[lo + rows])
-            counts, logn, library = _normalise_block(block, rows, columns, target_sum)
+        scan = reader.value_scan()  # every gene of the selected cells feeds the library size: all are checked
+        for counts, logn, library in reader.chunks(columns, scan):
             counts_blocks.append(counts)
             x_blocks.append(logn)
             libraries.append(library)
-            n_chunks += 1
-        var = backed.var.iloc[columns].copy()
-    finally:
-        backed.file.close()
     if not counts_blocks:
-        raise PipelineInputError(source, "obs_filter", "no cells selected")
-    scan.check("counts", f"datasets.{dataset_cfg.get('name', '<dataset>')}.source.reader: backed_chunked",
-               "this reader normalises raw counts itself; a log-normalised file needs the memory reader")
+        raise PipelineInputError(reader.source, "obs_filter", "no cells selected")
+    check_counts(scan, dataset_cfg)
     obs["library_size"] = np.concatenate(libraries)
-    var.index = pd.Index(panel)
     out = ad.AnnData(X=sp.vstack(x_blocks, format="csr"), obs=obs, var=var)
     out.layers["counts"] = sp.vstack(counts_blocks, format="csr")
     logger.info("%s: %d of %d cells x %d panel genes read in %d chunk(s) of <= %d rows",
-                source, out.n_obs, len(mask), out.n_vars, n_chunks, chunk_size)
+                reader.source, out.n_obs, len(reader.mask), out.n_vars, reader.n_chunks, reader.chunk_size)
     return out
 
 

@@ -215,11 +215,7 @@ def preprocess(
         raise hvg_failure(err, dataset_cfg, int((adata.obs[SPLIT] == "train").sum()), adata.n_vars) from err
     # a fixed panel keeps every gene in order: no copy of X / layers (a copy doubles the peak at CD4 size)
     out = adata if genes == list(adata.var_names) else adata[:, genes].copy()
-    covariates = list(dict.fromkeys([*dataset_cfg.get("covariates", []), *group_by]))
-    keep = [CONDITION, IS_CONTROL, SPLIT, SUBGROUP, *covariates]
-    out.obs = out.obs[keep].copy()
-    for column in [CONDITION, SPLIT, SUBGROUP, *covariates]:
-        out.obs[column] = out.obs[column].astype(str)
+    out.obs = _output_obs(out.obs, dataset_cfg)
     counts = out.layers.get("counts") if prep.get("keep_counts", False) else None
     if prep.get("keep_counts", False) and counts is None:
         raise PipelineInputError(split_source, "preprocess.keep_counts", "no raw counts: set normalize or a counts reader")
@@ -228,10 +224,99 @@ def preprocess(
         out.layers["counts"] = (counts.astype(np.float32, copy=False) if sp.issparse(counts)
                                 else np.asarray(counts, dtype=np.float32))
     out.X = out.X.astype(np.float32, copy=False) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
-    out.uns = {"dataset": dataset_cfg.get("name", ""), "control_label": dataset_cfg["control_label"]}
-    if group_by:
-        out.uns["group_by"] = group_by
+    out.uns = _processed_uns(dataset_cfg)
     return out
+
+
+def _output_obs(obs: pd.DataFrame, dataset_cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """The processed file's obs: condition, is_control, split, subgroup and the covariates, as text."""
+    group_by = list(dataset_cfg.get("group_by") or [])
+    covariates = list(dict.fromkeys([*dataset_cfg.get("covariates", []), *group_by]))
+    out = obs[[CONDITION, IS_CONTROL, SPLIT, SUBGROUP, *covariates]].copy()
+    for column in [CONDITION, SPLIT, SUBGROUP, *covariates]:
+        out[column] = out[column].astype(str)
+    return out
+
+
+def _processed_uns(dataset_cfg: Mapping[str, Any]) -> dict:
+    uns = {"dataset": dataset_cfg.get("name", ""), "control_label": dataset_cfg["control_label"]}
+    if dataset_cfg.get("group_by"):
+        uns["group_by"] = list(dataset_cfg["group_by"])
+    return uns
+
+
+def _check_streamable(dataset_cfg: Mapping[str, Any], n_panel: int) -> None:
+    """The streamed path writes the reader's panel as it is: no gene selection, no second normalisation."""
+    prep = dataset_cfg.get("preprocess") or {}
+    n_top = prep.get("n_top_genes")
+    if prep.get("gene_selection", "hvg") != "hvg" or (n_top is not None and int(n_top) < n_panel):
+        raise PipelineInputError("config", "preprocess.n_top_genes",
+                                 "the backed_chunked reader streams its fixed gene panel: set n_top_genes: null "
+                                 "(choose the panel in source.gene_panel)")
+    if prep.get("normalize", False):
+        raise PipelineInputError("config", "preprocess.normalize",
+                                 "the backed_chunked reader already log-normalises (library size over all genes): set false")
+
+
+def preprocess_streamed(
+    raw: str, split_table: pd.DataFrame, dataset_cfg: Mapping[str, Any], split_source: str, out_h5ad: str,
+) -> dict:
+    """:func:`preprocess` for the ``backed_chunked`` reader, written chunk by chunk (CD4's ~22M cells).
+
+    The obs (through :func:`perturb_repro.data.source.load_source`, so the same checks and columns) get the
+    split first; then ``processed.h5ad`` is written as a skeleton (obs, var, uns) and X (and ``layers['counts']``
+    with ``keep_counts``) are appended one reader window at a time as CSR (int64 indptr). Memory: the obs plus one
+    window, never the matrix. The file equals what :func:`preprocess` writes from the reader's in-memory result
+    (``tests/test_preprocess.py``). Returns :func:`summary`.
+    """
+    import h5py
+    from anndata.io import sparse_dataset
+
+    from ..io import atomic_path
+    from .cd4 import PanelChunks, warn_if_not_counts
+    from .source import load_source
+
+    group_by = list(dataset_cfg.get("group_by") or [])
+    cells = load_source(raw, dataset_cfg, obs_only=True)
+    attach_split(cells, split_table, split_source, group_by)
+    split_cfg = dataset_cfg.get("split") or {}
+    if split_cfg.get("train_control_fraction") is not None:
+        resplit_controls(cells, int(split_cfg.get("seed", 0)), float(split_cfg["train_control_fraction"]))
+    keep_counts = bool((dataset_cfg.get("preprocess") or {}).get("keep_counts", False))
+    reader = PanelChunks(raw, dataset_cfg)
+    with reader:
+        panel, columns, var = reader.panel()
+        _check_streamable(dataset_cfg, len(panel))
+        skeleton = ad.AnnData(obs=_output_obs(cells.obs, dataset_cfg), var=var, uns=_processed_uns(dataset_cfg))
+        with atomic_path(out_h5ad) as tmp:
+            skeleton.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as handle:
+                targets = [_empty_csr(handle, "X", len(panel))]
+                if keep_counts:
+                    targets.append(_empty_csr(handle.require_group("layers"), "counts", len(panel)))
+                stores = [sparse_dataset(group) for group in targets]
+                n_rows = 0
+                for counts, logn, _library in reader.chunks(columns):
+                    if n_rows == 0:
+                        warn_if_not_counts(counts, reader.source)
+                    stores[0].append(logn)
+                    if keep_counts:
+                        stores[1].append(counts)
+                    n_rows += logn.shape[0]
+                if n_rows != skeleton.n_obs:
+                    raise PipelineInputError(reader.source, "obs_filter", f"{n_rows} rows read, {skeleton.n_obs} cells selected")
+    return summary(skeleton)
+
+
+def _empty_csr(group, name: str, n_vars: int):
+    """An empty resizable CSR element ``group[name]`` (0 x n_vars, float32 data, int64 indptr for > 2^31 values)."""
+    from anndata.io import write_elem
+
+    write_elem(group, name, sp.csr_matrix((0, n_vars), dtype=np.float32))
+    element = group[name]
+    del element["indptr"]
+    element.create_dataset("indptr", data=np.zeros(1, dtype=np.int64), maxshape=(None,), chunks=True)
+    return element
 
 
 def summary(adata: ad.AnnData) -> dict:
