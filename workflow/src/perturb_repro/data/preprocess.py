@@ -308,14 +308,22 @@ def preprocess_streamed(
     return summary(skeleton)
 
 
+# HDF5 chunk (elements) of the appended CSR arrays: h5py's guess for an empty dataset is 1,024 elements, which makes
+# appending quadratic in practice (200 appends of 20k values: 152 s vs 3 s with this chunk)
+_APPEND_CHUNK = 1 << 18
+
+
 def _empty_csr(group, name: str, n_vars: int):
-    """An empty resizable CSR element ``group[name]`` (0 x n_vars, float32 data, int64 indptr for > 2^31 values)."""
+    """An empty resizable CSR element ``group[name]`` (0 x n_vars; float32 data, int32 indices, int64 indptr so
+    more than 2^31 values fit), its arrays chunked for appending."""
     from anndata.io import write_elem
 
     write_elem(group, name, sp.csr_matrix((0, n_vars), dtype=np.float32))
     element = group[name]
-    del element["indptr"]
-    element.create_dataset("indptr", data=np.zeros(1, dtype=np.int64), maxshape=(None,), chunks=True)
+    for array, dtype in (("data", np.float32), ("indices", np.int32), ("indptr", np.int64)):
+        del element[array]
+        element.create_dataset(array, shape=(1 if array == "indptr" else 0,), dtype=dtype, maxshape=(None,),
+                               chunks=(_APPEND_CHUNK,))
     return element
 
 
