@@ -78,3 +78,40 @@ def test_writer_reads_backed_windows_only(demo_processed, tmp_path, monkeypatch)
     finally:
         backed.file.close()
     assert max(sizes) <= rows and sum(sizes) == ad.read_h5ad(tmp_path / "t.h5ad").n_obs
+
+
+def test_layers_stay_on_disk_and_are_copied_window_by_window(demo_processed, tmp_path, monkeypatch):
+    """anndata's backed mode reads every layer into memory (CD4: tens of GB of counts); the rule's lazy opener
+    does not, and the truth writer copies a layer's rows in windows of at most chunk rows."""
+    import tracemalloc
+
+    from perturb_repro.data.backed import LazyH5ad
+
+    adata = demo_processed.copy()
+    n = adata.n_obs * 40  # a counts layer much larger than one chunk
+    big = ad.concat([adata] * 40, index_unique="_")
+    big.layers["counts"] = sp.random(n, big.n_vars, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    big.uns = dict(adata.uns)
+    processed = tmp_path / "processed.h5ad"
+    write_h5ad(big, processed)
+    layer_bytes = big.layers["counts"].data.nbytes + big.layers["counts"].indices.nbytes
+    with LazyH5ad(processed) as lazy:
+        assert not sp.issparse(lazy.layers["counts"]) and lazy.layers["counts"].shape == big.shape
+    sizes = []
+    original = truth_mod._layer_chunks
+
+    def spy(*args, **kwargs):
+        for block in original(*args, **kwargs):
+            sizes.append(block.shape[0])
+            yield block
+
+    monkeypatch.setattr(truth_mod, "_layer_chunks", spy)
+    rows = 200
+    tracemalloc.start()
+    write_test_truth(processed, tmp_path / "chunked.h5ad", chunk_bytes=4 * big.n_vars * rows)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sizes and max(sizes) <= rows
+    assert peak < layer_bytes / 4, f"peak {peak / 2**20:.1f} MiB vs layer {layer_bytes / 2**20:.1f} MiB"
+    write_h5ad(build_test_truth(ad.read_h5ad(processed)), tmp_path / "memory.h5ad")
+    _assert_same_file(tmp_path / "memory.h5ad", tmp_path / "chunked.h5ad")

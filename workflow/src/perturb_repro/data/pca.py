@@ -129,10 +129,9 @@ def fit_pca(adata: ad.AnnData, n_components: int, seed: int) -> PCABasis:
 
 
 def fit_pca_file(processed: str | Path, dataset_cfg, out_npz: str | Path) -> None:
-    """The ``fit_pca`` rule: open ``processed.h5ad`` backed (X stays on disk), fit, save."""
-    adata = ad.read_h5ad(processed, backed="r")
-    try:
+    """The ``fit_pca`` rule: open ``processed.h5ad`` lazily (X and layers stay on disk), fit, save."""
+    from .backed import LazyH5ad
+
+    with LazyH5ad(processed) as adata:
         basis = fit_pca(adata, int(dataset_cfg["pca"]["n_components"]), int(dataset_cfg["split"].get("seed", 0)))
-    finally:
-        adata.file.close()
     basis.save(out_npz)
