@@ -10,7 +10,8 @@ Synthetic inputs shaped like the pipeline's own files are written into a tempora
 counts (CSR float32, ``--density`` non-zeros) for the data steps, dense float32 log1p values for the truth
 and prediction files the scorers read. Every step runs as its own process (this script with ``--worker``),
 calling the function its Snakemake rule calls; the worker records its work's CPU seconds and peak RSS above
-the RSS when the work began (imports excluded), ``os.wait4`` the whole process's. A run at a tiny size gives
+the RSS when the work began (imports excluded) and the whole process's peak (VmHWM: ru_maxrss would include this
+driver's memory, which Linux carries into a child at exec); ``os.wait4`` gives the process's CPU and wall time. A run at a tiny size gives
 each step's fixed cost; the rest is fitted as a power law in the sizes (least squares on logs: the log-log
 slope per size variable), and the projection is the tiny process + fitted growth at each paper dataset's
 size. Steps projected over the job budget (``--budget-gb``, ``--budget-h``: 64 GB, 24 h) are flagged.
@@ -75,7 +76,7 @@ PAPER = {
 # memory is what grows in the fit; the projection adds the production chunk's memory (PRODUCTION_CHUNK_MB: fit_pca
 # 32 MB float64 chunk + its centred copy; test_truth 16 MB float32 chunk + the backed read; the chunked reader's
 # window: 50,000 rows x ~36,000 raw genes x 5 % non-zeros x 12 B, read, row-selected and panel-cut = 3 copies).
-CHUNKS = {"pca_bytes": 256 * 2**10, "truth_bytes": 256 * 2**10, "reader_rows": 200}
+CHUNKS = {"pca_bytes": 4 * 2**20, "truth_bytes": 2**20, "reader_rows": 500}
 PRODUCTION_CHUNK_MB = {"fit_pca": 100, "test_truth": 50, "preprocess_chunked": 3_100}
 
 # Sizes: a tiny point (its cost is the step's fixed cost: imports, process and worker start-up, compilation),
@@ -192,6 +193,22 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hwm_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries the forking parent's peak into
+    a child's ru_maxrss at exec, so a worker started by this (large) driver would report the driver's memory."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource_maxrss_mb()
+
+
+def resource_maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(step: str, d: Path, noop: bool) -> None:
     """Run ``step`` on the inputs in ``d``; write its own cost (imports excluded) to ``d/<step>.usage.json``."""
     import resource
@@ -206,10 +223,11 @@ def worker(step: str, d: Path, noop: bool) -> None:
     rss0, wall0, self0, children0 = marks[0] if marks else (rss_before, wall_before, before["self"], before["children"])
     cpu = (after_self.ru_utime + after_self.ru_stime - self0.ru_utime - self0.ru_stime
            + after_children.ru_utime + after_children.ru_stime - children0.ru_utime - children0.ru_stime)
-    peak = max(after_self.ru_maxrss, after_children.ru_maxrss) / 1024
+    # children (cell-eval's worker) report ru_maxrss, which includes this worker's RSS at their fork: an upper bound
+    peak = max(_hwm_mb(), after_children.ru_maxrss / 1024)
     (d / f"{step}.usage.json").write_text(json.dumps({
         "work_cpu_seconds": cpu, "work_wall_seconds": time.perf_counter() - wall0,
-        "rss_before_work_mb": rss0, "work_peak_mb": max(peak - rss0, 0.0),
+        "rss_before_work_mb": rss0, "work_peak_mb": max(peak - rss0, 0.0), "process_peak_mb": peak,
     }))
 
 
@@ -285,7 +303,7 @@ def _popen_wait4(step: str, d: Path, noop: bool = False) -> dict:
     # its peak RSS above the process's RSS when the work began (imports excluded); the whole process too
     return {"seconds": work["work_cpu_seconds"], "peak_mb": work["work_peak_mb"],
             "process_cpu_seconds": usage.ru_utime + usage.ru_stime, "process_wall_seconds": seconds,
-            "process_peak_mb": usage.ru_maxrss / 1024, "imports_mb": work["rss_before_work_mb"],
+            "process_peak_mb": work["process_peak_mb"], "imports_mb": work["rss_before_work_mb"],
             "work_wall_seconds": work["work_wall_seconds"]}
 
 

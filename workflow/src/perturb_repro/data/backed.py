@@ -87,3 +87,30 @@ def empty_csr(group, name: str, n_vars: int, dtype=np.float32):
         element.create_dataset(array, shape=(1 if array == "indptr" else 0,), dtype=kind, maxshape=(None,),
                                chunks=(APPEND_CHUNK,))
     return sparse_dataset(element)
+
+
+def rows_in_memory(lazy: LazyH5ad, rows: np.ndarray, window: int = 8192):
+    """``AnnData`` of the sorted ``rows`` of a lazily opened file: X read in windows of consecutive rows (sparse
+    stays sparse), obs rows (unused categories dropped, as AnnData's subsetting does), var and uns; no layers."""
+    import anndata as ad
+    import pandas as pd
+
+    rows = np.asarray(rows, dtype=np.int64)
+    blocks = []
+    for lo in range(0, lazy.n_obs, window):
+        hi = min(lo + window, lazy.n_obs)
+        keep = rows[(rows >= lo) & (rows < hi)] - lo
+        if keep.size:
+            block = lazy.X[lo:hi]
+            blocks.append(block[keep] if sp.issparse(block) else np.asarray(block)[keep])
+    if not blocks:
+        x = np.zeros((0, lazy.n_vars), dtype=np.float32)
+    elif sp.issparse(blocks[0]):
+        x = sp.vstack(blocks, format="csr")
+    else:
+        x = np.concatenate(blocks)
+    obs = lazy.obs.iloc[rows].copy()
+    for column in obs.columns:
+        if isinstance(obs[column].dtype, pd.CategoricalDtype):
+            obs[column] = obs[column].cat.remove_unused_categories()
+    return ad.AnnData(X=x, obs=obs, var=lazy.var.copy(), uns=dict(lazy.uns))

@@ -123,9 +123,9 @@ def _worker_main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     # per group, only that group's cells are brought into memory (backed files); without groups, both whole
-    backed = "r" if group_by else None
-    pred = ad.read_h5ad(args.pred, backed=backed)
-    truth = ad.read_h5ad(args.truth, backed=backed)
+    from perturb_repro.data.backed import LazyH5ad
+
+    pred, truth = (LazyH5ad(args.pred), LazyH5ad(args.truth)) if group_by else (ad.read_h5ad(args.pred), ad.read_h5ad(args.truth))
     if not group_by:
         evaluator = MetricsEvaluator(
             adata_pred=pred,
@@ -179,9 +179,18 @@ def _group_key_array(adata: ad.AnnData, group_by: list[str]) -> np.ndarray:
     return adata.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
 
 
-def _take(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
-    """The masked cells in memory: read from disk when ``adata`` is backed, else copied."""
-    return adata[np.flatnonzero(mask)].to_memory() if adata.isbacked else adata[mask].copy()
+def _open_lazy(path):
+    """obs/var/uns of an h5ad; X and layers stay on disk (anndata's backed mode reads every layer)."""
+    from perturb_repro.data.backed import LazyH5ad
+
+    return LazyH5ad(path)
+
+
+def _take(adata, mask: np.ndarray) -> ad.AnnData:
+    """The masked cells in memory: read from disk for a lazily opened file (X, obs, var, uns), else copied."""
+    from perturb_repro.data.backed import rows_in_memory
+
+    return rows_in_memory(adata, np.flatnonzero(mask)) if adata.isbacked else adata[mask].copy()
 
 
 def _score_groups(
@@ -464,13 +473,14 @@ def _subset(path: Path, pert_col: str, control_label: str, group_by: tuple[str, 
 
     Read backed, so only the selected rows come into memory.
     """
-    adata = ad.read_h5ad(path, backed="r")
-    labels = adata.obs[pert_col].astype(str).to_numpy()
-    cell_keys = _cell_keys(adata, pert_col, group_by)
-    groups = {k[1:] for k in keep}
-    mask = np.array([k in keep or (c == control_label and k[1:] in groups) for k, c in zip(cell_keys, labels)], dtype=bool)
-    sub = adata[np.flatnonzero(mask)].to_memory()
-    adata.file.close()
+    from perturb_repro.data.backed import LazyH5ad, rows_in_memory
+
+    with LazyH5ad(path) as adata:  # X and layers on disk (cell-eval reads X only)
+        labels = adata.obs[pert_col].astype(str).to_numpy()
+        cell_keys = _cell_keys(adata, pert_col, group_by)
+        groups = {k[1:] for k in keep}
+        mask = np.array([k in keep or (c == control_label and k[1:] in groups) for k, c in zip(cell_keys, labels)], dtype=bool)
+        sub = rows_in_memory(adata, np.flatnonzero(mask))
     sub.write_h5ad(out)
 
 
@@ -497,10 +507,10 @@ def score_shard(
     pred_path, truth_path, results_out = Path(pred_path), Path(truth_path), Path(results_out)
     _remove(results_out)
     results_out.parent.mkdir(parents=True, exist_ok=True)
-    truth_obs = ad.read_h5ad(truth_path, backed="r")
+    truth_obs = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth_obs))
     keys = shard_keys(_condition_keys(truth_obs, pert_col, control_label, group_by), shard, n_shards)
-    truth_obs.file.close()
+    truth_obs.close()
     if not keys:
         write_csv(pd.DataFrame(columns=[CONDITION_COLUMN, *group_by]), results_out, index=False)
         return
@@ -548,10 +558,10 @@ def score_cross(
     for path in (pred_path, truth_path):
         if not path.is_file():
             raise PipelineInputError(path, "(file)", "does not exist")
-    truth = ad.read_h5ad(truth_path, backed="r")
+    truth = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth))
     keys = _condition_keys(truth, pert_col, control_label, group_by)
-    truth.file.close()
+    truth.close()
     from cell_eval._pipeline import MetricPipeline  # which metrics the profile computes
 
     if not any(is_cross_condition(m) for m in MetricPipeline(profile=profile)._metrics):
@@ -640,10 +650,10 @@ def merge_shards(
 
     metrics_out, per_condition_out = Path(metrics_out), Path(per_condition_out)
     _remove(metrics_out, per_condition_out)
-    truth_obs = ad.read_h5ad(truth_path, backed="r")
+    truth_obs = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth_obs))
     keys = _condition_keys(truth_obs, pert_col, control_label, group_by)
-    truth_obs.file.close()
+    truth_obs.close()
     labels = [CONDITION_COLUMN, *group_by]
 
     def read(path) -> "pl.DataFrame":  # cell-eval's CSV as cell-eval wrote it: NaN and null stay distinct

@@ -2,8 +2,8 @@
 
 PerturBench scores each covariate group on its own (its conditions against that group's true controls, ranks
 among that group's conditions); only the PCA of ``mmd_pca`` is fitted on the whole truth. So a shard -- the
-groups ``k = shard, shard + shards, ...`` of the sorted group keys -- reads its groups' cells (files opened
-``backed="r"``, only those rows brought into memory), fits the PCA on every truth cell in row blocks read from
+groups ``k = shard, shard + shards, ...`` of the sorted group keys -- reads its groups' cells (files opened lazily,
+X and layers on disk, only those rows of X brought into memory), fits the PCA on every truth cell in row blocks read from
 disk (the same blocks, hence the same numbers, as one run), and writes its groups' per-condition rows. The merge
 puts the rows in one run's order and summarises them: ``merge_perturbench`` == ``score_perturbench``
 (``tests/test_sharded_scoring.py``). Without ``group_by`` there is one group: shard 0 holds it, the rest are empty.
@@ -39,9 +39,11 @@ def shard_groups(keys: list[str], shard: int, shards: int) -> set[str]:
     return set(sorted(keys)[shard::shards])
 
 
-def _subset(adata: ad.AnnData, keys: np.ndarray, groups: set[str]) -> ad.AnnData:
-    """The cells of ``groups`` (controls included) of a backed AnnData, in memory."""
-    return adata[np.flatnonzero(np.isin(keys, list(groups)))].to_memory()
+def _subset(lazy, keys: np.ndarray, groups: set[str]) -> ad.AnnData:
+    """The cells of ``groups`` (controls included) of a lazily opened file, in memory (X, obs, var, uns)."""
+    from perturb_repro.data.backed import rows_in_memory
+
+    return rows_in_memory(lazy, np.flatnonzero(np.isin(keys, list(groups))))
 
 
 def score_perturbench_shard(
@@ -59,8 +61,9 @@ def score_perturbench_shard(
     for path in (pred_path, truth_path):
         if not path.is_file():
             raise PipelineInputError(path, "(file)", "does not exist")
-    truth = ad.read_h5ad(truth_path, backed="r")
-    pred = ad.read_h5ad(pred_path, backed="r")
+    from perturb_repro.data.backed import LazyH5ad
+
+    truth, pred = LazyH5ad(truth_path), LazyH5ad(pred_path)  # X and layers stay on disk
     try:
         group_by = group_columns(truth)
         labels = truth.obs[pert_col].astype(str).to_numpy()
@@ -74,8 +77,8 @@ def score_perturbench_shard(
         sub_truth = _subset(truth, t_keys, groups)
         sub_pred = _subset(pred, group_keys(pred.obs, group_by), groups)
     finally:
-        truth.file.close()
-        pred.file.close()
+        truth.close()
+        pred.close()
     check_prediction(sub_pred, sub_truth, pert_col, control_label, str(pred_path), str(truth_path), group_by)
     frame = perturbench_metrics_by_group(
         sub_pred, sub_truth, control_label, group_by, pert_col=pert_col, seed=seed, n_deg=n_deg,
@@ -111,13 +114,12 @@ def merge_perturbench(
     from perturb_repro.scoring.contract import group_columns
 
     opts = options if isinstance(options, Options) else Options.from_config(options)
-    truth = ad.read_h5ad(truth_path, backed="r")
-    try:
+    from perturb_repro.data.backed import LazyH5ad
+
+    with LazyH5ad(truth_path) as truth:
         group_by = group_columns(truth)
         labels = truth.obs[pert_col].astype(str).to_numpy()
         keys = group_keys(truth.obs, group_by)
-    finally:
-        truth.file.close()
     is_test = labels != control_label
     wanted = set(zip(labels[is_test], keys[is_test]))
     label_columns = [CONDITION_COLUMN, *group_by]
