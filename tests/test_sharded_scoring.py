@@ -9,14 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturb_repro.scoring.celleval import (
-    is_cross_condition,
-    merge_shards,
-    score,
-    score_cross,
-    score_shard,
-    shard_keys,
-)
+from perturb_repro.scoring.celleval import is_cross_condition, score
+from perturb_repro.scoring.celleval_shards import merge_shards, score_cross, score_shard, shard_keys
 
 PERT_COL = "condition"
 N_SHARDS = 3
@@ -178,7 +172,7 @@ def test_perturbench_merge_names_a_missing_condition(grouped_files, tmp_path):
 
 def test_grouped_celleval_shards_merged_equal_one_run(grouped_files):
     """Covariate groups: shards are sliced group by group and carry only their groups' controls; merged == one run."""
-    from perturb_repro.scoring.celleval import _subset
+    from perturb_repro.scoring.celleval_shards import _subset
 
     d, control = grouped_files
     pred, truth = d / "predictions.h5ad", d / "test_truth.h5ad"

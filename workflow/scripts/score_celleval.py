@@ -1,5 +1,6 @@
 from perturb_repro.joblog import logged
-from perturb_repro.scoring.celleval import merge_shards, score
+from perturb_repro.scoring.celleval import score
+from perturb_repro.scoring.celleval_shards import merge_shards
 
 with logged(snakemake):
     if snakemake.params.shards > 1:  # per-shard tables + the cross-condition pass -> the one-run files

@@ -1,5 +1,5 @@
 from perturb_repro.joblog import logged
-from perturb_repro.scoring.celleval import score_cross, score_shard
+from perturb_repro.scoring.celleval_shards import score_cross, score_shard
 
 with logged(snakemake):
     if snakemake.params.shard == "cross":
