@@ -52,24 +52,25 @@ SCORE_VARS = ("C", "n_pred", "n_truth", "G")
 CELLS_PER_CONDITION = 100
 
 # Paper datasets (config/config.yaml and the cards). Data steps: N cells read, G genes kept. Scoring: C test
-# conditions per scoring job (CD4: per shard, 12 shards = its 12 donor x time-point groups), n_pred predicted cells
+# conditions (a cell-eval shard scores C / shards of them; a PerturBench shard C / min(shards, groups): it splits
+# covariate groups; shards = datasets.<d>.scoring.shards in config.yaml), n_pred predicted cells
 # per condition (sampling.n_cells_per_condition), n_truth real test cells per condition (test cells / C), G genes;
 # truth_cells = every truth cell (the PCA of mmd_pca is fitted on all of them, in every PerturBench shard).
 PAPER = {
     "norman": {  # GEARS perturb_processed.h5ad; GEARS simulation split: ~130 test conditions
         "data": {"N": 91_205, "G": 5_045},
         "score": {"C": 130, "n_pred": 1_000, "n_truth": 300, "G": 5_045},
-        "truth_cells": 45_000, "preprocess": "preprocess", "shards": 1,
+        "truth_cells": 45_000, "preprocess": "preprocess", "shards": 1, "groups": 1,
     },
     "replogle": {  # State-Replogle-Filtered; RPE1 test: 1,047 conditions, ~105k test cells + 10,691 controls
         "data": {"N": 643_413, "G": 6_546},
         "score": {"C": 1_047, "n_pred": 1_000, "n_truth": 100, "G": 6_546},
-        "truth_cells": 116_000, "preprocess": "preprocess", "shards": 1,
+        "truth_cells": 116_000, "preprocess": "preprocess", "shards": 4, "groups": 1,
     },
     "cd4": {  # ~22M cells read onto the 3,699-gene panel (chunked reader); ~2.4M test cells over ~10k test targets
         "data": {"N": 22_000_000, "G": 3_699},
-        "score": {"C": 10_000 // 12, "n_pred": 1_000, "n_truth": 240, "G": 3_699},
-        "truth_cells": 3_400_000, "preprocess": "preprocess_chunked", "shards": 12,
+        "score": {"C": 10_000, "n_pred": 1_000, "n_truth": 240, "G": 3_699},
+        "truth_cells": 3_400_000, "preprocess": "preprocess_chunked", "shards": 16, "groups": 12,
     },
 }
 # Steps whose memory is bounded by a chunk are measured with small chunks (CHUNKS), so the per-cell part of their
@@ -432,7 +433,10 @@ def projections(results: dict, budget_gb: float, budget_h: float, threads: int) 
         for step, models in out["models"].items():
             if step in ("preprocess", "preprocess_chunked") and step != sizes["preprocess"]:
                 continue  # each dataset's reader takes one of the two paths
-            size = sizes["data" if step in DATA_STEPS else "score"]
+            size = dict(sizes["data" if step in DATA_STEPS else "score"])
+            if step in SCORE_STEPS:  # one scoring job: a shard of conditions (cell-eval) or of groups (PerturBench)
+                split = sizes["shards"] if step == "celleval" else min(sizes["shards"], sizes["groups"])
+                size["C"] = max(1, size["C"] // split)
             cpu_h = project_model(models["time"], size) / 3600
             gb = project_model(models["memory"], size) / 1024
             if step == "perturbench" and sizes["shards"] > 1:  # each shard fits the PCA on every truth cell
@@ -470,7 +474,8 @@ def print_report(proj: dict, budget_gb: float, budget_h: float) -> None:
             cells.append(f"{hours:>11s} {r['gb']:8.1f} GB{' !!' if r['over_budget'] else '   '}")
         print(f"  {step:18s} " + "".join(f"{c:>28s}" for c in cells))
     for dataset, sizes in PAPER.items():
-        print(f"  {dataset}: data {sizes['data']}, scoring {sizes['score']} x {sizes['shards']} job(s)")
+        print(f"  {dataset}: data {sizes['data']}, scoring {sizes['score']}, {sizes['shards']} scoring shard(s), "
+              f"{sizes['groups']} covariate group(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,12 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", type=Path, default=None, help="re-project the measurements of an earlier --out")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.dir, args.noop)
         return 0
     started = time.perf_counter()
-    results = bench(args.quick, args.density, args.keep)
+    results = json.loads(args.from_json.read_text())["measured"] if args.from_json else bench(args.quick, args.density, args.keep)
     proj = projections(results, args.budget_gb, args.budget_h, args.threads)
     print_report(proj, args.budget_gb, args.budget_h)
     total = time.perf_counter() - started

@@ -397,9 +397,13 @@ DATA_RESOURCE_MODEL = {
     "split_conditions": (1000, 100, 10, 1),
     "preprocess_dataset": (2000, 3000, 15, 10),
     "fit_pca": (2000, 100, 15, 5),
-    "extract_test_truth": (1000, 500, 10, 2),
+    "extract_test_truth": (2000, 100, 10, 2),  # processed.h5ad opened lazily: obs + one chunk (X and layers on disk)
     "embed_genes": (4000, 1000, 30, 0),
 }
+# the streamed chunked-reader path: fixed MB (a window of 50,000 raw rows read, row-selected and panel-cut), MB per
+# raw GB (the obs of its cells), minutes (one pass over the raw file); bench_scale.py projects ~6 GB and ~0.5 h CPU
+# for CD4's 22M cells (reading 320 GB adds ~30 min at 200 MB/s)
+CHUNKED_PREPROCESS = (8000, 50, 30, 2)
 DATA_MEM_CAP_MB = 1_000_000
 DATA_RUNTIME_CAP_MIN = 7 * 24 * 60
 
@@ -417,14 +421,13 @@ def data_input_gb(dataset, paths, kind):
 
 
 def _sized(step, kind, what):
-    fixed_mb, mb_per_gb, fixed_min, min_per_gb = DATA_RESOURCE_MODEL[step]
-
     def resource(wildcards, input, attempt):
+        fixed_mb, mb_per_gb, fixed_min, min_per_gb = DATA_RESOURCE_MODEL[step]
         gb = data_input_gb(wildcards.dataset, list(input), kind)
         reader = config["datasets"][wildcards.dataset]["source"].get("reader", "memory")
         if step == "preprocess_dataset" and reader == "backed_chunked":
-            # the chunked reader holds its output (panel X + counts), not the raw file
-            gb = DATA_SIZE_ESTIMATES_GB.get(wildcards.dataset, {}).get("processed", 0.3 * gb)
+            # streamed to the file (data/preprocess.py preprocess_streamed): obs + one reader window, not the matrix
+            fixed_mb, mb_per_gb, fixed_min, min_per_gb = CHUNKED_PREPROCESS
         if what == "mem_mb":
             if step == "preprocess_dataset":
                 override = config["datasets"][wildcards.dataset].get("resources", {}).get("mem_mb")
@@ -527,8 +530,8 @@ def scfate_log_files(wildcards):
 # `scoring.shards` is global, per dataset (`datasets.<d>.scoring.shards`) and per model entry
 # (`models.<key>.scoring.shards`); the most specific wins. cell-eval shards split the test conditions (every
 # shard with all controls); PerturBench shards split the covariate groups (perturb_repro/scoring/pb_shards.py).
-# Memory/runtime follow the bytes a job reads: cell-eval ~2.1 x its share of both files, PerturBench ~1.7 x
-# (in-memory copies of its cells; bench_scale.py), plus a fixed part. PerturBench's time is dominated by the energy
+# Memory/runtime follow the bytes a job reads: cell-eval ~3.5 x its share of both files, PerturBench ~1.7 x
+# (their in-memory copies of the cells; fitted by bench_scale.py --quick), plus a fixed part. PerturBench's time is dominated by the energy
 # cross sums, (predicted cells x true cells x genes) per group: ~2,000 CPU s per (GB of predictions x GB of truth)
 # at ~6,500 genes, split over shards and threads (measured with bench_scale.py; rounded up). Before the files exist
 # (dry runs) the dataset's estimate below is used.
@@ -552,9 +555,9 @@ SCORING_SIZE_ESTIMATES = {
 }
 # rule -> (fixed MB, MB per GB held, fixed minutes, minutes per GB held)
 SCORING_RESOURCE_MODEL = {
-    "score_predictions": (4000, 2200, 15, 6),
-    "score_shard": (4000, 2200, 15, 6),
-    "score_cross": (4000, 2200, 15, 3),
+    "score_predictions": (4000, 3500, 15, 6),
+    "score_shard": (4000, 3500, 15, 6),
+    "score_cross": (4000, 3500, 15, 3),
     "score_perturbench": (3000, 1800, 15, 1),
     "score_perturbench_shard": (3000, 1800, 15, 1),
 }
