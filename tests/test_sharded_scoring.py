@@ -203,3 +203,28 @@ def test_grouped_celleval_shards_merged_equal_one_run(grouped_files):
     m_one = pd.read_csv(out / "one" / "metrics.csv").set_index("metric")
     m_merged = pd.read_csv(out / "merged" / "metrics.csv").set_index("metric")
     pd.testing.assert_frame_equal(m_merged, m_one, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+def test_scoring_shards_per_dataset_and_model_entry_plan_the_shard_jobs(tmp_path):
+    """datasets.<d>.scoring.shards and models.<key>.scoring.shards (the entry wins) decide each pair's scoring jobs."""
+    import re
+
+    import yaml
+    from workflow_helpers import REPO, copy_repo, snakemake
+
+    scratch = copy_repo(tmp_path)
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["datasets"]["mcfaline_demo"]["scoring"] = {"shards": 3}
+    config["models"]["additive"]["scoring"] = {"shards": 2}
+    (scratch / "config" / "sharded.yaml").write_text(yaml.safe_dump(config))
+    targets = [f"results/mcfaline_demo/{m}/{f}" for m in ("additive", "control_mean") for f in ("metrics.csv", "perturbench.csv")]
+    targets.append("results/norman_demo/control_mean/metrics.csv")
+    result = snakemake(scratch, "-n", *targets, "--configfile", "config/sharded.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    shards = set(re.findall(r"results/(\w+)/(\w+)/(score_shards|perturbench_shards)/shard(\d+)_of_(\d+)\.csv", out))
+    assert {(d, m, kind, n) for d, m, kind, _, n in shards} == {
+        ("mcfaline_demo", "additive", "score_shards", "2"), ("mcfaline_demo", "additive", "perturbench_shards", "2"),
+        ("mcfaline_demo", "control_mean", "score_shards", "3"), ("mcfaline_demo", "control_mean", "perturbench_shards", "3"),
+    }  # norman_demo keeps the global 1: no shard files
+    assert len({s for s in shards if s[1] == "control_mean" and s[2] == "score_shards"}) == 3
