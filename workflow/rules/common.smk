@@ -555,9 +555,9 @@ SCORING_SIZE_ESTIMATES = {
 }
 # rule -> (fixed MB, MB per GB held, fixed minutes, minutes per GB held)
 SCORING_RESOURCE_MODEL = {
-    "score_predictions": (4000, 3500, 15, 6),
-    "score_shard": (4000, 3500, 15, 6),
-    "score_cross": (4000, 3500, 15, 3),
+    "score_celleval": (4000, 3500, 15, 6),
+    "score_celleval_shard": (4000, 3500, 15, 6),
+    "score_celleval_cross": (4000, 3500, 15, 3),
     "score_perturbench": (3000, 1800, 15, 1),
     "score_perturbench_shard": (3000, 1800, 15, 1),
 }
@@ -580,13 +580,13 @@ def _scoring_share(step, wildcards):
     """Share of both files one job of ``step`` holds: all, or one shard's conditions/groups (+ controls)."""
     n = score_shards(wildcards.dataset, wildcards.model)
     groups = SCORING_SIZE_ESTIMATES.get(wildcards.dataset, (0, 0, 1))[2]
-    if step == "score_shard":  # its conditions + the controls of its groups (shards are sliced group by group)
+    if step == "score_celleval_shard":  # its conditions + the controls of its groups (shards are sliced group by group)
         return min(1.0, 1.0 / n + CONTROL_SHARE * max(1.0 / groups, 1.0 / n))
-    if step == "score_cross":  # one covariate group at a time (grouped data; else both whole files)
+    if step == "score_celleval_cross":  # one covariate group at a time (grouped data; else both whole files)
         return 1.0 / groups if config["datasets"][wildcards.dataset].get("group_by") else 1.0
     if step == "score_perturbench_shard":  # its groups (assumed even; the whole truth is only streamed, for the PCA)
         return 1.0 / min(n, groups)
-    if step in ("score_predictions", "score_perturbench") and n > 1:  # the merge: CSVs and the truth's obs only
+    if step in ("score_celleval", "score_perturbench") and n > 1:  # the merge: CSVs and the truth's obs only
         return 0.0
     return 1.0
 

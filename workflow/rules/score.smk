@@ -24,8 +24,8 @@ rule score_celleval:
         "benchmarks/score_celleval/{dataset}/{model}.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=scoring_mem_mb("score_predictions"),
-        runtime=scoring_runtime("score_predictions"),
+        mem_mb=scoring_mem_mb("score_celleval"),
+        runtime=scoring_runtime("score_celleval"),
     conda:
         ENV
     script:
@@ -52,8 +52,8 @@ rule score_celleval_shard:
         "benchmarks/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=scoring_mem_mb("score_shard"),
-        runtime=scoring_runtime("score_shard"),
+        mem_mb=scoring_mem_mb("score_celleval_shard"),
+        runtime=scoring_runtime("score_celleval_shard"),
     conda:
         ENV
     script:
@@ -76,8 +76,8 @@ rule score_celleval_cross:
         "benchmarks/score_celleval/{dataset}/{model}.cross.tsv"
     threads: lookup(dpath="scoring/threads", within=config)
     resources:
-        mem_mb=scoring_mem_mb("score_cross"),
-        runtime=scoring_runtime("score_cross"),
+        mem_mb=scoring_mem_mb("score_celleval_cross"),
+        runtime=scoring_runtime("score_celleval_cross"),
     conda:
         ENV
     script:

@@ -189,11 +189,6 @@ def check_counts(scan: ValueScan, dataset_cfg: Mapping[str, Any]) -> None:
                "this reader normalises raw counts itself; a log-normalised file needs the memory reader")
 
 
-def warn_if_not_counts(counts: sp.csr_matrix, source: str) -> None:
-    if np.any(counts.data < 0) or not np.allclose(counts.data, np.round(counts.data)):
-        logger.warning("%s: X does not look like raw counts (negative or non-integer values)", source)
-
-
 def read_backed_chunked(path: str | Path, dataset_cfg: Mapping[str, Any], obs_only: bool = False) -> ad.AnnData:
     """Selected cells x gene panel from a large h5ad, read in row chunks (see the module docstring).
 

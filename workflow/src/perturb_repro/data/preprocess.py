@@ -273,7 +273,7 @@ def preprocess_streamed(
 
     from ..io import atomic_path
     from .backed import empty_csr
-    from .cd4 import PanelChunks, warn_if_not_counts
+    from .cd4 import PanelChunks, check_counts
     from .source import load_source
 
     group_by = list(dataset_cfg.get("group_by") or [])
@@ -295,13 +295,13 @@ def preprocess_streamed(
                 if keep_counts:
                     stores.append(empty_csr(handle.require_group("layers"), "counts", len(panel)))
                 n_rows = 0
-                for counts, logn, _library in reader.chunks(columns):
-                    if n_rows == 0:
-                        warn_if_not_counts(counts, reader.source)
+                scan = reader.value_scan()  # raw counts are checked window by window (the file is removed if not)
+                for counts, logn, _library in reader.chunks(columns, scan):
                     stores[0].append(logn)
                     if keep_counts:
                         stores[1].append(counts)
                     n_rows += logn.shape[0]
+                check_counts(scan, dataset_cfg)
                 if n_rows != skeleton.n_obs:
                     raise PipelineInputError(reader.source, "obs_filter", f"{n_rows} rows read, {skeleton.n_obs} cells selected")
     return summary(skeleton)
