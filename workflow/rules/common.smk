@@ -536,7 +536,7 @@ def scfate_log_files(wildcards):
 # at ~6,500 genes, split over shards and threads (measured with bench_scale.py; rounded up). Before the files exist
 # (dry runs) the dataset's estimate below is used.
 def score_shards(dataset, model):
-    for scope in (config["models"][model].get("scoring") or {}, config["datasets"][dataset].get("scoring") or {},
+    for scope in (config["models"][entry_of(model)].get("scoring") or {}, config["datasets"][dataset].get("scoring") or {},
                   config["scoring"]):
         if scope.get("shards"):
             return int(scope["shards"])
