@@ -18,22 +18,16 @@ import yaml
 from workflow_helpers import REPO, copy_repo, snakemake
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-E2E_MODELS = {
-    "norman_demo": ["control_mean", "additive", "cellflow", "linear", "scgpt", "primeflow_cfg1", "primeflow_cfg3",
-                    "fm_pca_ot_cfg1", "cpa", "scldm"],
-    "mcfaline_demo": ["control_mean", "additive", "linear", "primeflow_cfg1"],
-}
+E2E_FILE = "tests/e2e.yaml"  # merged over the demo config: only the model lists differ
+E2E_MODELS = {d: entry["models"] for d, entry in yaml.safe_load((REPO / E2E_FILE).read_text())["datasets"].items()}
 MODELS = tuple(E2E_MODELS["norman_demo"])
 COVARIATE_MODELS = tuple(E2E_MODELS["mcfaline_demo"])
-CONFIG = "config/e2e.yaml"
+CONFIG = ("config/demo.yaml", E2E_FILE)  # --configfile A B: Snakemake merges B over A
 
 
-def _e2e_config() -> dict:
-    config = dict(DEMO, datasets={k: dict(v) for k, v in DEMO["datasets"].items()})
+def test_e2e_models_are_demo_models():
     for dataset, models in E2E_MODELS.items():
-        assert set(models) <= set(DEMO["datasets"][dataset]["models"]), "the e2e models must be demo models"
-        config["datasets"][dataset]["models"] = models
-    return config
+        assert set(models) <= set(DEMO["datasets"][dataset]["models"]), dataset
 
 
 def _owner(model: str) -> str:
@@ -55,8 +49,9 @@ def _owner_run(run: str) -> str:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("demo"))
-    (root / CONFIG).write_text(yaml.safe_dump(_e2e_config(), sort_keys=False))
-    result = snakemake(root, "-c2", "all", "--configfile", CONFIG, timeout=1800)
+    (root / "tests").mkdir(exist_ok=True)
+    (root / E2E_FILE).write_text((REPO / E2E_FILE).read_text())
+    result = snakemake(root, "-c2", "all", "--configfile", *CONFIG, timeout=1800)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return root
 
@@ -214,16 +209,24 @@ def test_paper_table_is_not_comparable_at_demo_scale(demo_run):
 @pytest.mark.slow
 def test_report_has_tables_and_figures(demo_run):
     html = (demo_run / "results/report.html").read_text()
-    assert "cellflow_norman" in html or "CellFlow on Norman" in html
+    # read top-down: the model comparison first, the paper tables next, provenance last
+    order = [html.index(f'<section id="{s}">') for s in ("comparison", "tables", "runs", "provenance")]
+    assert order == sorted(order)
+    comparison = html[order[0]:order[1]]
+    for model in MODELS:  # every model of the run has its leaderboard row
+        assert f">{model}<" in comparison or f">{model} " in comparison, model
+    tables = html[order[1]:order[2]]
+    spec_rows = pd.read_csv(demo_run / "results/tables/cellflow_norman.csv")
+    assert len(spec_rows) > 0 and str(spec_rows["status"].iloc[0]) in tables
     images = re.findall(r'<img[^>]+src="([^"]+)"', html)
     assert len(images) >= 6 and all(src.startswith("data:image/png;base64,") for src in images)
 
 
 @pytest.mark.slow
 def test_rerun_is_a_no_op_and_one_table_rebuilds_alone(demo_run):
-    assert "Nothing to be done" in snakemake(demo_run, "-n", "all", "--configfile", CONFIG).stdout
+    assert "Nothing to be done" in snakemake(demo_run, "-n", "all", "--configfile", *CONFIG).stdout
     (demo_run / "results/tables/cellflow_norman.md").unlink()
-    plan = snakemake(demo_run, "-n", "results/tables/cellflow_norman.md", "--configfile", CONFIG)
+    plan = snakemake(demo_run, "-n", "results/tables/cellflow_norman.md", "--configfile", *CONFIG)
     assert set(re.findall(r"^rule (\w+):", plan.stdout, flags=re.M)) == {"paper_table"}
 
 
@@ -246,7 +249,7 @@ def test_provenance_manifest(demo_run):
 def test_snakemake_report_bundles_tables_and_report(demo_run):
     import zipfile
 
-    result = snakemake(demo_run, "all", "--configfile", CONFIG, "--report", "results/snakemake_report.zip")
+    result = snakemake(demo_run, "all", "--configfile", *CONFIG, "--report", "results/snakemake_report.zip")
     assert result.returncode == 0, result.stderr[-2000:]
     names = zipfile.ZipFile(demo_run / "results/snakemake_report.zip").namelist()
     assert any(n.endswith("report.html") for n in names)
