@@ -257,3 +257,42 @@ def test_pretrained_file_names_come_from_the_model_specs():
     config["pretrained"]["ckpt"]["weights.bin"] = {"url": "https://example.org/weights.bin"}
     with pytest.raises(ValueError, match="pretrained.ckpt.weights.bin is not a pretrained file of any model type"):
         check_config(config)
+
+
+def _planned(stdout: str) -> set[tuple[str, str]]:
+    """(rule, wildcards line) of every job in a dry run's plan."""
+    planned = set()
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", stdout, flags=re.M):
+        rule = re.match(r"(?:local)?rule (\w+):$", block, flags=re.M)
+        if rule:
+            wildcards = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
+            planned.add((rule.group(1), wildcards.group(1) if wildcards else ""))
+    return planned
+
+
+def test_paper_config_plans_scoring_tables_and_report(scratch):
+    """Past training: every (dataset, model) pair is scored by cell-eval and PerturBench (per seed, then
+    aggregated, where the entry has seeds), every configured table and the scFATE audit are built, and one
+    report reads them all."""
+    result = snakemake(scratch, "-n", "all", "--configfile", "config/config.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    planned = _planned(result.stdout)
+    rules_of = {}
+    for rule, wildcards in planned:
+        rules_of.setdefault(wildcards, set()).add(rule)
+    celleval = {"score_celleval", "score_celleval_cross"}  # one job, or shards merged by the cross pass
+    perturbench = {"score_perturbench"}
+    for dataset, entry in config["datasets"].items():
+        for model in entry["models"]:
+            seeds = config["models"][model].get("seeds") or [None]
+            runs = [model] if len(seeds) < 2 else [f"{model}/seeds/{s}" for s in seeds]
+            for run in runs:
+                rules = rules_of.get(f"dataset={dataset}, model={run}", set())
+                assert rules & celleval and rules & perturbench and "provenance" in rules, (dataset, run, rules)
+            if len(seeds) >= 2:
+                rules = rules_of.get(f"dataset={dataset}, model={model}", set())
+                assert "aggregate_celleval_seeds" in rules, (dataset, model, rules)
+    tables = {w for r, w in planned if r == "paper_table"}
+    assert tables == {f"table={t}" for t in config["tables"]}
+    assert ("scfate_table1_audit", "") in planned and ("report", "") in planned
