@@ -5,7 +5,7 @@
     .venv/bin/python tests/mutation_check.py --only cfg_halves_swapped rank_normalisation_n
 
 Not part of the default suite (the file name does not start with ``test_``). Each mutation edits one exact
-text in one file of a scratch copy of the repository (the edit must match exactly once, so a mutation whose
+text (listed in ``tests/mutations.yaml``) in one file of a scratch copy of the repository (the edit must match exactly once, so a mutation whose
 anchor has moved is reported as ``stale``, never as killed), checks the edited file still compiles, and runs the
 test files that should catch it (``-m "not slow and not slurm"``, stopping at the first failure). Before the
 mutations, the same test files run once on the unmutated copy: a mutation only counts as killed if that baseline
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SRC = "workflow/src/perturb_repro/"
 
 
 @dataclass(frozen=True)
@@ -39,37 +38,14 @@ class Mutation:
     what: str
 
 
-MUTATIONS = (
-    Mutation("primeflow_sample_seed_ignored", SRC + "models/primeflow.py",
-             'seed = int(sampling.get("seed", 0))', "seed = 0",
-             ("tests/test_primeflow.py",), "PRiMeFlow sampling ignores the configured seed (always 0)"),
-    Mutation("scldm_dit_one_block_fewer", SRC + "models/_scldm_nets.py",
-             'for _ in range(int(net["n_layer"]))])', 'for _ in range(int(net["n_layer"]) - 1)])',
-             ("tests/test_scldm.py",), "scLDM DiT built with one transformer block fewer"),
-    Mutation("rank_normalisation_n", SRC + "scoring/perturbench.py",
-             "return position / (n_cols - 1) if n_cols > 1 else position", "return position / n_cols",
-             ("tests/test_perturbench_metrics.py",), "PerturBench ranks divided by n instead of n - 1"),
-    Mutation("pca_fits_val_cells", SRC + "data/pca.py",
-             '(adata.obs[SPLIT] == "train")', '(adata.obs[SPLIT] != "test")',
-             ("tests/test_pca.py",), "train-only PCA also fits the validation cells"),
-    Mutation("gears_reseed_dropped", SRC + "data/split.py",
-             "    # combo_seen2 draw does not continue the RNG stream of the train-gene draw.\n    np.random.seed(seed)\n",
-             "    # combo_seen2 draw does not continue the RNG stream of the train-gene draw.\n",
-             ("tests/test_gears_split_reference.py", "tests/test_split.py"),
-             "GEARS simulation split without its second np.random.seed"),
-    Mutation("cfg_halves_swapped", SRC + "models/_flow.py",
-             "v_cond, v_uncond = v[:b], v[b:]", "v_uncond, v_cond = v[:b], v[b:]",
-             ("tests/test_primeflow.py",), "classifier-free guidance with conditional and null halves swapped"),
-    Mutation("hvg_on_all_cells", SRC + "data/preprocess.py",
-             'train = adata[adata.obs[SPLIT] == "train"]\n    layer = "counts"', 'train = adata\n    layer = "counts"',
-             ("tests/test_preprocess.py",), "highly variable genes chosen on all cells (test cells leak)"),
-    Mutation("condition_seed_ignores_condition", SRC + "steps.py",
-             '"\\x1f".join([*map(str, group_values), str(condition)])', '"\\x1f".join([*map(str, group_values)])',
-             ("tests/test_sharded_sampling.py",), "every condition of a group sampled with the same seed"),
-    Mutation("ema_never_updates", SRC + "trainer.py",
-             "ema.update(module, step)", "None",
-             ("tests/test_scldm.py",), "the shared trainer's EMA weights never move"),
-)
+def load_mutations(path: Path = REPO / "tests" / "mutations.yaml") -> tuple[Mutation, ...]:
+    import yaml
+
+    return tuple(Mutation(m["name"], m["file"], m["old"], m["new"], tuple(m["tests"]), m["what"])
+                 for m in yaml.safe_load(path.read_text()))
+
+
+MUTATIONS = load_mutations()
 
 
 def copy_tree(dest: Path) -> Path:
