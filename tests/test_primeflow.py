@@ -403,12 +403,15 @@ def test_sinkhorn_fallback_is_logged_and_counted(tmp_path, monkeypatch, caplog, 
     assert len(rows) == expected and sorted(set(rows["step"])) == [0, 1]
     assert json.loads((tmp_path / pf.FIT_FILE).read_text())["ot_fallbacks"] == expected
     assert sum("Sinkhorn plan unusable" in r.getMessage() for r in caplog.records) == expected
+    log = pd.read_csv(tmp_path / "train_log.csv")  # the running count, beside the loss
+    assert list(log["ot_fallbacks"]) == [expected // 2, expected]
 
 
 def test_working_sinkhorn_logs_no_fallback(tmp_path, train, context):
     pf.PRiMeFlowModel().fit(train, None, context, _params("tiny_fm_pca_ot", 1, 100), tmp_path)
     assert json.loads((tmp_path / pf.FIT_FILE).read_text())["ot_fallbacks"] == 0
     assert len(pd.read_csv(tmp_path / pf.OT_LOG_FILE)) == 0
+    assert set(pd.read_csv(tmp_path / "train_log.csv")["ot_fallbacks"]) == {0}
 
 
 # --------------------------------------------------------------------------------------------------

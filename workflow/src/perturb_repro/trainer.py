@@ -105,6 +105,10 @@ class TrainTask:
         """Called after every update (``steps_done`` updates so far); return True to stop training."""
         return False
 
+    def log_fields(self) -> dict[str, Any]:
+        """Counters written beside the loss in every train-log row (the same keys on every call)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -291,7 +295,7 @@ class Trainer:
         total = cfg.total_steps
         # a run stopped by its task (early stopping) stays stopped; a step budget may be raised and resumed
         done = (finished and total is None) or (total is not None and start >= total)
-        log = TrainLog(self.log_path, start) if self.is_main else None
+        log = TrainLog(self.log_path, start, tuple(task.log_fields())) if self.is_main else None
         bar = _progress(cfg.progress and self.is_main, total, start, self.kind)
         step = start
         try:
@@ -320,7 +324,7 @@ class Trainer:
                         ema.update(module, step)
                     value = self._mean(value)
                     if log is not None:
-                        log.add(step, value)
+                        log.add(step, value, task.log_fields())
                     step += 1
                     if bar is not None:
                         bar.update(1)

@@ -36,24 +36,28 @@ class StopFlag:
 
 
 class TrainLog:
-    """Append-only CSV of (step, loss) that survives restarts: a resumed run keeps earlier rows."""
+    """Append-only CSV of (step, loss[, extra columns]) that survives restarts: a resumed run keeps earlier rows.
+    ``extra`` names per-step counters a task reports beside the loss (e.g. PRiMeFlow's ``ot_fallbacks``)."""
 
-    def __init__(self, path: Path, resume_from_step: int) -> None:
+    def __init__(self, path: Path, resume_from_step: int, extra: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
+        self.extra = tuple(extra)
+        width = 2 + len(self.extra)
         rows: list[list[str]] = []
         if self.path.exists() and resume_from_step > 0:
             with open(self.path) as handle:
                 rows = [r for r in csv.reader(handle)][1:]
             # a SIGKILL can cut the last row short (the buffer flushes when full): keep whole rows only
-            rows = [r for r in rows if len(r) == 2 and r[0].isdigit() and r[1] and int(r[0]) < resume_from_step]
+            rows = [r for r in rows if len(r) == width and r[0].isdigit() and all(r[1:]) and int(r[0]) < resume_from_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "w", newline="")
         self._writer = csv.writer(self._handle)
-        self._writer.writerow(["step", "loss"])
+        self._writer.writerow(["step", "loss", *self.extra])
         self._writer.writerows(rows)
 
-    def add(self, step: int, loss: float) -> None:
-        self._writer.writerow([step, f"{loss:.6g}"])
+    def add(self, step: int, loss: float, extra: dict | None = None) -> None:
+        values = [(extra or {})[k] for k in self.extra]
+        self._writer.writerow([step, f"{loss:.6g}", *values])
 
     def flush(self) -> None:
         self._handle.flush()

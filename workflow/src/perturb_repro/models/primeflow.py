@@ -449,6 +449,10 @@ class _FlowTask(TrainTask):
                        "drawn independently instead (%d fallbacks so far; listed in %s, counted in %s)",
                        step, micro, group, len(self.ot_fallbacks), OT_LOG_FILE, FIT_FILE)
 
+    def log_fields(self) -> dict[str, Any]:
+        """FM PCA OT: the running count of Sinkhorn fallbacks in every train-log row."""
+        return {"ot_fallbacks": len(self.ot_fallbacks)} if self.spec["coupling"] == "ot" else {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"ot_fallbacks": [list(r) for r in self.ot_fallbacks]}
 
