@@ -1,6 +1,7 @@
 """CellFlow through cellflow-tools: the one-compile sampler (Euler, or the card's adaptive Tsit5) equals
 CellFlow.predict, checkpoints reload, an interrupted run resumes to the same weights as an uninterrupted one,
-and the sampling seed matters."""
+and the sampling seed matters; the velocity field's parameter count at the presets equals the count from the
+layer sizes (issue 20)."""
 
 
 import diffrax
@@ -173,3 +174,109 @@ def test_one_model_object_loads_and_compiles_once_and_samples_as_fresh_ones(trai
     assert len(loads) == 1 and len(builds) == 1
     model.sample(ckpt, ["KLF1"], control, 20, context, params, {**sampling, "steps": 3, "seed": 1})
     assert len(loads) == 1 and len(builds) == 2  # another sampler setting compiles its own solve
+
+
+# --- issue 20: exact velocity-field parameter counts at the presets, from the architecture's layer sizes ---
+# Input dims the pipeline feeds CellFlow on Norman: config/config.yaml datasets.norman.pca.n_components (50 PCs);
+# the card's gene embedding facebook/esm2_t6_8M_UR50D, hidden size 320; GENE_COLUMNS slots per combination (2).
+ESM2_T6_8M_DIM = 320
+CF = "cellflow-tools 0.0.6 cellflow/networks/"  # the source every formula line below transcribes
+
+
+def _norman_pcs():
+    import yaml
+    from conftest import REPO
+
+    return int(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["norman"]["pca"]["n_components"])
+
+
+def _dense(n_in, n_out):
+    # flax nn.Dense: kernel (n_in, n_out) + bias (n_out)
+    return n_in * n_out + n_out
+
+
+def _mlp(n_in, dims):
+    # _utils.py:71-74 MLPBlock: one nn.Dense per entry of dims, each fed the previous one's width
+    total, width = 0, n_in
+    for d in dims:
+        total, width = total + _dense(width, d), d
+    return total
+
+
+def _vf_param_count(model, data_dim, embedding_dim):
+    """ConditionalVelocityField's parameter count for CellFlow.prepare_model(**model), counted by hand."""
+    # the preset runs prepare_model's defaults for everything it does not set (model/_cellflow.py:230-257)
+    assert model.get("condition_mode", "deterministic") == "deterministic"      # no after_pool_modules_var
+    assert model.get("conditioning", "concatenation") == "concatenation"        # no film/resnet block
+    assert not model.get("layer_norm_before_concatenation", False)              # no LayerNorm params
+    assert model["pooling"] == "attention_token"
+    # ConditionEncoder (_set_encoders.py:80-88): separate layers per covariate; _utils.py:487-504 _get_layers
+    before = 0
+    widths = []
+    for layers in model["layers_before_pool"].values():
+        assert layers["layer_type"] == "mlp"
+        before += _mlp(embedding_dim, layers["dims"])
+        widths.append(layers["dims"][-1])
+    pooled = sum(widths)  # _set_encoders.py:143 concatenates the per-covariate outputs on the last axis
+    # _utils.py:465 TokenAttentionPooling: nn.Embed(num_embeddings=1, features=x.shape[-1])
+    token = pooled
+    # _utils.py:474-478 nn.MultiHeadDotProductAttention(num_heads, qkv_features=qkv_dim), defaults _utils.py:436-437;
+    # flax: query/key/value DenseGeneral (in, heads, head_dim) + bias, out (heads, head_dim, in) + bias (out_features
+    # defaults to the input width)
+    pooling = dict(model.get("pooling_kwargs") or {})
+    qkv = pooling.get("qkv_dim", 64)
+    attention = 3 * _dense(pooled, qkv) + _dense(qkv, pooled)
+    # _set_encoders.py:99 _get_layers(layers_after_pool, output_dim): MLPBlock(s) then nn.Dense(output_dim)
+    after_layers = model["layers_after_pool"]
+    assert after_layers["layer_type"] == "mlp"
+    after = _mlp(pooled, after_layers["dims"]) + _dense(after_layers["dims"][-1], model["condition_embedding_dim"])
+    condition_encoder = before + token + attention + after
+    # _velocity_field.py:144-149, 203-204: MLPBlock(time_encoder_dims) on ott's cyclical encoding (2 * time_freqs:
+    # cos and sin of each frequency, ott/neural/networks/layers/time_encoder.py:32-34)
+    time_encoder = _mlp(2 * model["time_freqs"], model["time_encoder_dims"])
+    # _velocity_field.py:152-157, 205: MLPBlock(hidden_dims) on x_t (the data dim)
+    x_encoder = _mlp(data_dim, model["hidden_dims"])
+    # _velocity_field.py:160-165, 217, 225: MLPBlock(decoder_dims) on concat(t_encoded, x_encoded, cond_embedding)
+    concat = model["time_encoder_dims"][-1] + model["hidden_dims"][-1] + model["condition_embedding_dim"]
+    decoder = _mlp(concat, model["decoder_dims"])
+    # _velocity_field.py:167 nn.Dense(output_dim), output_dim = the data dim (model/_cellflow.py:429)
+    output_layer = _dense(model["decoder_dims"][-1], data_dim)
+    return condition_encoder + time_encoder + x_encoder + decoder + output_layer
+
+
+@pytest.fixture(scope="module")
+def norman_dims_context(demo_processed):
+    """The demo cells with Norman's input dims: train-fitted 50-PC basis, 320-dim gene vectors."""
+    train = demo_processed[demo_processed.obs["split"] == "train"].copy()
+    genes = sorted({g for c in demo_processed.obs["condition"] for g in c.split("+")} - {"control"})
+    rng = np.random.default_rng(0)
+    embeddings = {g: rng.normal(size=ESM2_T6_8M_DIM).astype(np.float32) for g in genes}
+    context = ModelContext("norman_demo", "control", fit_pca(train, _norman_pcs(), seed=0), embeddings, seed=0)
+    return train, context
+
+
+def _built_count(train, context, params):
+    # what workflow/bench/bench.py reports as n_params_vf: the leaves of the built velocity field's params
+    cf = cfm.build_cellflow(train, context, params)
+    assert cf.vf.output_dim == _norman_pcs() and cf.vf.max_combination_length == len(cfm.GENE_COLUMNS)
+    return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(cf.solver.vf_state.params)))
+
+
+@pytest.mark.parametrize("preset", ["paper", "tiny"])
+def test_velocity_field_parameter_count_equals_the_layer_size_formula(preset, norman_dims_context):
+    params = model_params({"type": "cellflow", "preset": preset})
+    expected = _vf_param_count(params["model"], _norman_pcs(), ESM2_T6_8M_DIM)
+    assert _built_count(*norman_dims_context, params) == expected
+
+
+def test_a_changed_dim_changes_both_the_formula_and_the_build(norman_dims_context):
+    import copy
+
+    params = model_params({"type": "cellflow", "preset": "paper"})
+    original = _vf_param_count(params["model"], _norman_pcs(), ESM2_T6_8M_DIM)
+    planted = copy.deepcopy(params)
+    planted["model"]["layers_after_pool"]["dims"][0] = 1000  # was 1024
+    changed = _vf_param_count(planted["model"], _norman_pcs(), ESM2_T6_8M_DIM)
+    built = _built_count(*norman_dims_context, planted)
+    assert changed != original and built != original
+    assert built == changed
