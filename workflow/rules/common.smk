@@ -536,8 +536,11 @@ def scfate_log_files(wildcards):
 # at ~6,500 genes, split over shards and threads (measured with bench_scale.py; rounded up). Before the files exist
 # (dry runs) the dataset's estimate below is used.
 def score_shards(dataset, model):
-    for scope in (config["models"][entry_of(model)].get("scoring") or {}, config["datasets"][dataset].get("scoring") or {},
-                  config["scoring"]):
+    for scope in (
+        config["models"][entry_of(model)].get("scoring") or {},
+        config["datasets"][dataset].get("scoring") or {},
+        config["scoring"],
+    ):
         if scope.get("shards"):
             return int(scope["shards"])
     return 1
@@ -596,7 +599,9 @@ def scoring_mem_mb(step):
 
     def resource(wildcards, input, attempt):
         pred, truth, _ = _scoring_gb(wildcards, input)
-        return int(min((fixed_mb + mb_per_gb * (pred + truth) * _scoring_share(step, wildcards)) * attempt, DATA_MEM_CAP_MB))
+        return int(
+            min((fixed_mb + mb_per_gb * (pred + truth) * _scoring_share(step, wildcards)) * attempt, DATA_MEM_CAP_MB)
+        )
 
     return resource
 
