@@ -92,9 +92,9 @@ def _report_resume() -> None:
     from perturb_repro.training import TrainLog
 
     class ReportingLog(TrainLog):
-        def __init__(self, path, resume_from_step):
+        def __init__(self, path, resume_from_step, *extra):
             print(f"RESUMED_FROM {resume_from_step}", flush=True)
-            super().__init__(path, resume_from_step)
+            super().__init__(path, resume_from_step, *extra)
 
     cellflow.TrainLog = ReportingLog
     trainer.TrainLog = ReportingLog

@@ -197,7 +197,8 @@ CONTEXT = ModelContext("synthetic", "control", pca=None, embeddings={}, seed=3)
 def _fit_params(kind, preset, **over):
     base = {"trainer": {"max_epochs": 12}, "data": {"batch_size": 64}, "early_stopping": {"patience": 12},
             "model": {"lr": 3e-3}}
-    return deep_merge(deep_merge(model_params({"type": kind, "preset": preset}), base), over)
+    # the synthetic cells' covariate is cell_type (two types), as a dataset's `covariates` would say
+    return deep_merge(deep_merge(model_params({"type": kind, "preset": preset}, dataset_cfg=DEMO_COVARIATES), base), over)
 
 
 @pytest.fixture(scope="module")
