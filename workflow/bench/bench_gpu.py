@@ -202,8 +202,13 @@ ESM2_DIMS = {"esm2_t6_8M_UR50D": 320, "esm2_t12_35M_UR50D": 480, "esm2_t30_150M_
              "esm2_t33_650M_UR50D": 1280, "esm2_t36_3B_UR50D": 2560, "esm2_t48_15B_UR50D": 5120}
 
 
-def esm2_dim(cfg: dict) -> int:
-    return ESM2_DIMS[str(cfg["esm2"]["model"]).split("/")[-1]]
+def esm2_dim(cfg: dict, entry: str | None = None) -> int:
+    """Width of the gene embedding a model entry conditions on (its `gene_embedding`, else `esm2.embedding`;
+    configs without an `esm2.embeddings` block name one `esm2.model`)."""
+    esm2 = cfg["esm2"]
+    name = (cfg["models"].get(entry, {}) if entry else {}).get("gene_embedding") or esm2.get("embedding")
+    model = esm2["embeddings"][name]["model"] if name and "embeddings" in esm2 else esm2["model"]
+    return ESM2_DIMS[str(model).split("/")[-1]]
 
 
 # ------------------------------------------------------------------ 1. CellFlow
@@ -219,7 +224,7 @@ def bench_cellflow(preset: str, quick: bool, steps: int, warmup: int, budget: fl
     # each condition holds more cells than a batch, as Norman's (cellflow's sampler draws per condition)
     train, genes = synthetic_cells(pca_dim, 6 if quick else 24, 2 if quick else 8, batch + 64,
                                    batch + 64, {}, 0)
-    context = synthetic_context(genes, esm2_dim(cfg), pca_dim, pca_dim)
+    context = synthetic_context(genes, esm2_dim(cfg, "cellflow"), pca_dim, pca_dim)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_cf_") as tmp:
         _, r = bench_train(train, context, preset, warmup, steps, batch, Path(tmp))
     prec = str(jax.config.jax_default_matmul_precision or "default")
