@@ -384,6 +384,17 @@ def load_dit(checkpoint_dir: Path, device: torch.device | str = "cpu",
     return dit.to(device).eval(), spec
 
 
+def _wait_for_copy(src: Path, dst: Path, timeout: float = 1800.0) -> None:
+    """A non-main rank: wait until rank 0's atomic copy of ``src`` is in place (same size; the rename is atomic)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (dst.exists() and dst.stat().st_size == src.stat().st_size):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {current_world().rank}: {dst} not copied by rank 0 within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def _complete(directory: Path, weights: str, total: int | None = None) -> bool:
     """Final weights written and the trainer's saved state reached ``total`` updates (None: the run it
     was started for finished)."""
@@ -461,12 +472,17 @@ class ScLDMModel:
         ae_spec = json.loads((ae_dir / AE_META_FILE).read_text())
         if ae_spec != _jsonable(autoencoder_spec(train, params)):
             raise ValueError(f"the autoencoder in {ae_dir} was trained with other genes/params than these")
-        # copy what sample() needs (atomic), then hash the copy
+        # copy what sample() needs (atomic), then hash the copy. One writer (rank 0): a second writer of the same
+        # file would sweep the first one's temp file as an orphan (io.remove_stale_temps); the others wait for it.
         for name, target in ((AE_WEIGHTS, AE_WEIGHTS), (LIBRARY_FILE, LIBRARY_FILE), (AE_META_FILE, AUTOENCODER_META_FILE)):
-            src = ae_dir / name
-            if src.resolve() != (checkpoint_dir / target).resolve():
-                with atomic_path(checkpoint_dir / target) as tmp:
+            src, dst = ae_dir / name, checkpoint_dir / target
+            if src.resolve() == dst.resolve():
+                continue
+            if current_world().is_main:
+                with atomic_path(dst) as tmp:
                     shutil.copyfile(src, tmp)
+            else:
+                _wait_for_copy(src, dst)
         spec = flow_spec(train, context, params, ae_spec, _sha256(checkpoint_dir / AE_WEIGHTS))
         _check_meta(checkpoint_dir / META_FILE, spec)
         flow = params["flow"]
