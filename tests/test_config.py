@@ -1,6 +1,7 @@
 """Config: both shipped configs validate; bad keys stop the DAG at parse time naming the key;
 the paper preset carries the CellFlow-Norman card verbatim."""
 
+import os
 import re
 from pathlib import Path
 
@@ -206,6 +207,25 @@ def test_unknown_parameter_is_refused_naming_entry_preset_and_key(kind, override
 def test_wrong_parameter_type_is_refused():
     with pytest.raises(PipelineInputError, match="model.lr"):
         model_params({"type": "linear", "preset": "tiny", "overrides": {"model": {"lr": "fast"}}})
+
+
+def test_preset_file_is_parsed_once_yet_edits_and_callers_cannot_go_stale(tmp_path, monkeypatch):
+    """model_params caches a preset file per version (the Snakefile resolves params per job): a second call does
+    not parse it again, a caller editing its result does not change the next one, and an edited file is re-read."""
+    presets = tmp_path / "linear.yaml"
+    presets.write_text("small:\n  model:\n    lr: 0.01\n")
+    parses = []
+    real_load = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda *a, **k: parses.append(1) or real_load(*a, **k))
+    entry = {"type": "linear", "preset": "small"}
+    first = model_params(entry, preset_dir=tmp_path)
+    first["model"]["lr"] = 99.0  # a caller's edit stays the caller's
+    assert model_params(entry, preset_dir=tmp_path)["model"]["lr"] == 0.01
+    assert len(parses) == 1
+    presets.write_text("small:\n  model:\n    lr: 0.5\n")
+    os.utime(presets, ns=(presets.stat().st_mtime_ns + 10**9,) * 2)  # a new version even on a coarse clock
+    assert model_params(entry, preset_dir=tmp_path)["model"]["lr"] == 0.5
+    assert len(parses) == 2
 
 
 def test_unknown_parameter_stops_the_dag_at_parse_time(scratch):

@@ -5,7 +5,7 @@ rule download_source:
     output:
         "resources/raw/{dataset}/{filename}",
     params:
-        source=lookup(dpath="datasets/{dataset}/source", within=config),
+        source=config_at("datasets/{dataset}/source"),
     log:
         "logs/download/{dataset}/{filename}.log",
     benchmark:

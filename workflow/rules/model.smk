@@ -7,8 +7,8 @@ rule fetch_pretrained:
     wildcard_constraints:
         file="|".join(re.escape(f) for f in PRETRAINED_FILES),
     params:
-        source=lookup(dpath="pretrained/{checkpoint}/{file}", within=config, default={}),
-        hint=lookup(dpath="pretrained/{checkpoint}/how_to_get", within=config, default=""),
+        source=config_at("pretrained/{checkpoint}/{file}", default={}),
+        hint=config_at("pretrained/{checkpoint}/how_to_get", default=""),
     log:
         "logs/download/pretrained/{checkpoint}/{file}.log",
     benchmark:

@@ -1,12 +1,12 @@
 # Paper tables (reported vs reproduced, one status per cell), the scFATE log audit and the HTML report.
 
 SCFATE_FETCH_STATUS = "resources/audit/scfate_hub/fetch_status.json"
-SCFATE_HUB = lookup(dpath="audit/scfate_hub", within=config, default=None)  # None: no fetch; audit.scfate_logs is read
+SCFATE_HUB = config_at("audit/scfate_hub", default=None)  # None: no fetch; audit.scfate_logs is read
 
 
 rule paper_table:
     input:
-        spec=lookup(dpath="tables/{table}/spec", within=config),
+        spec=config_at("tables/{table}/spec"),
         metrics=lambda w: [f"results/{d}/{m}/metrics.csv" for d, m in table_runs(w.table)[0]],
         perturbench=lambda w: [f"results/{d}/{m}/perturbench.csv" for d, m in table_runs(w.table)[0]],
     output:
@@ -19,7 +19,7 @@ rule paper_table:
         md="results/tables/{table}.md",
     params:
         runs=lambda w: table_runs(w.table)[0],
-        dataset_map=lookup(dpath="tables/{table}/datasets", within=config),
+        dataset_map=config_at("tables/{table}/datasets"),
         scale={d: c["scale"] for d, c in config["datasets"].items()},
     log:
         "logs/tables/{table}.log",
@@ -57,10 +57,10 @@ rule report:
     params:
         pairs=PAIRS,
         tables=TABLES,
-        pca_conditions=lookup(dpath="report/pca_conditions", within=config),
-        leaderboard_metrics=lookup(dpath="report/leaderboard_metrics", within=config),
-        subgroup_metrics=lookup(dpath="report/subgroup_metrics", within=config),
-        simple_baselines=lookup(dpath="report/simple_baselines", within=config),
+        pca_conditions=config_at("report/pca_conditions"),
+        leaderboard_metrics=config_at("report/leaderboard_metrics"),
+        subgroup_metrics=config_at("report/subgroup_metrics"),
+        simple_baselines=config_at("report/simple_baselines"),
         model_types={m: config["models"][m]["type"] for m in MODELS},
         configfiles=[str(f) for f in workflow.configfiles],
         sources={d: config["datasets"][d]["source"] for d in DATASETS},
@@ -107,7 +107,7 @@ rule scfate_table1_audit:
         ),
         md="results/tables/scfate_table1.md",
     params:
-        logs_dir=lookup(dpath="audit/scfate_logs", within=config, default=""),
+        logs_dir=config_at("audit/scfate_logs", default=""),
     log:
         "logs/tables/scfate_table1.log",
     benchmark:

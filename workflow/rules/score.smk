@@ -15,14 +15,14 @@ rule score_celleval:
         metrics="results/{dataset}/{model}/metrics.csv",
         per_condition="results/{dataset}/{model}/per_condition.csv",
     params:
-        profile=lookup(dpath="scoring/profile", within=config),
-        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        profile=config_at("scoring/profile"),
+        control=config_at("datasets/{dataset}/control_label"),
         shards=lambda w: score_shards(w.dataset, w.model),
     log:
         "logs/score_celleval/{dataset}/{model}.log",
     benchmark:
         "benchmarks/score_celleval/{dataset}/{model}.tsv"
-    threads: lookup(dpath="scoring/threads", within=config)
+    threads: config_at("scoring/threads")
     resources:
         mem_mb=scoring_mem_mb("score_celleval"),
         runtime=scoring_runtime("score_celleval"),
@@ -42,15 +42,15 @@ rule score_celleval_shard:
         shard=r"\d+",
         n=r"\d+",
     params:
-        profile=lookup(dpath="scoring/profile", within=config),
-        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        profile=config_at("scoring/profile"),
+        control=config_at("datasets/{dataset}/control_label"),
         shard=lambda w: int(w.shard),
         shards=lambda w: int(w.n),
     log:
         "logs/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.log",
     benchmark:
         "benchmarks/score_celleval/{dataset}/{model}.shard{shard}_of_{n}.tsv"
-    threads: lookup(dpath="scoring/threads", within=config)
+    threads: config_at("scoring/threads")
     resources:
         mem_mb=scoring_mem_mb("score_celleval_shard"),
         runtime=scoring_runtime("score_celleval_shard"),
@@ -67,14 +67,14 @@ rule score_celleval_cross:
     output:
         temp("results/{dataset}/{model}/score_shards/cross.csv"),
     params:
-        profile=lookup(dpath="scoring/profile", within=config),
-        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
+        profile=config_at("scoring/profile"),
+        control=config_at("datasets/{dataset}/control_label"),
         shard="cross",
     log:
         "logs/score_celleval/{dataset}/{model}.cross.log",
     benchmark:
         "benchmarks/score_celleval/{dataset}/{model}.cross.tsv"
-    threads: lookup(dpath="scoring/threads", within=config)
+    threads: config_at("scoring/threads")
     resources:
         mem_mb=scoring_mem_mb("score_celleval_cross"),
         runtime=scoring_runtime("score_celleval_cross"),
@@ -125,8 +125,8 @@ rule score_perturbench:
         summary="results/{dataset}/{model}/perturbench.csv",
         per_condition="results/{dataset}/{model}/perturbench_per_condition.csv",
     params:
-        control=lookup(dpath="datasets/{dataset}/control_label", within=config),
-        options=lookup(dpath="scoring/perturbench", within=config, default={}),
+        control=config_at("datasets/{dataset}/control_label"),
+        options=config_at("scoring/perturbench", default={}),
         shards=lambda w: score_shards(w.dataset, w.model),
     log:
         "logs/score_perturbench/{dataset}/{model}.log",

@@ -54,7 +54,7 @@ def model_params(
     if preset:
         if not path.exists():
             raise PipelineInputError(path, "preset", f"no preset file for model type '{model_cfg['type']}'")
-        presets = yaml.safe_load(path.read_text()) or {}
+        presets = _preset_file(str(path), path.stat().st_mtime_ns)
         if preset not in presets:
             raise PipelineInputError(path, preset, f"preset not found; available: {sorted(presets)}")
         params = presets[preset]
@@ -64,6 +64,14 @@ def model_params(
             params[key] = copy.deepcopy(dataset_cfg[key])
     check_params(params, model_cfg["type"], where=_where(entry, model_cfg, preset, path, dataset))
     return params
+
+
+@functools.lru_cache(maxsize=64)
+def _preset_file(path: str, mtime_ns: int) -> dict[str, Any]:
+    """A preset file's presets, parsed once per version of the file: the Snakefile resolves every job's params
+    through :func:`model_params`, and parsing the YAML each time made a paper-config dry run take minutes.
+    Callers get deep copies (:func:`deep_merge`), so the cached value is never mutated."""
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
 
 
 def _where(entry, model_cfg, preset, path, dataset) -> str:
