@@ -35,6 +35,7 @@ def config_at(path, default=_REQUIRED):
         return lambda wildcards: walk(path.format(**dict(wildcards.items())))
     return walk(path)
 
+
 SRC = Path(workflow.basedir) / "workflow" / "src" / "perturb_repro"
 ENV = "../../envs/pipeline.yaml"
 PAIRS = run_pairs(config)
