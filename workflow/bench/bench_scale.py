@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "src"))
 
 CONTROL = "ctrl"
 DATA_STEPS = ("split", "preprocess", "preprocess_chunked", "fit_pca", "test_truth")
-SCORE_STEPS = ("celleval", "perturbench")
+SCORE_STEPS = ("celleval", "celleval_cross", "perturbench")
 DATA_VARS = ("N", "G")
 SCORE_VARS = ("C", "n_pred", "n_truth", "G")
 CELLS_PER_CONDITION = 100
@@ -272,6 +272,12 @@ def _run_step(step: str, d: Path, noop: bool, mark) -> None:
             return
         score(d / "pred.h5ad", d / "truth.h5ad", "condition", CONTROL, d / "metrics.csv", d / "per_condition.csv",
               profile="full", num_threads=1, workdir=d)
+    elif step == "celleval_cross":  # the cross-condition pass of a sharded run, from a summary of all conditions
+        from perturb_repro.scoring.celleval_shards import score_cross
+        mark()
+        if noop:
+            return
+        score_cross([d / "summary.h5ad"], d / "truth.h5ad", "condition", CONTROL, d / "cross.csv", profile="full")
     elif step == "perturbench":
         from perturb_repro.scoring.perturbench import score_perturbench
         mark()
@@ -345,6 +351,22 @@ def _inputs(kind: str, d: Path, size: dict, density: float) -> None:
         (d / "cfg_chunked.json").write_text(json.dumps(chunked_cfg(d / "raw.h5ad", d / "panel.txt")))
     else:
         write_scoring_pair(d, size["C"], size["n_pred"], size["n_truth"], size["G"])
+        _write_cross_summary(d)
+
+
+def _write_cross_summary(d: Path) -> None:
+    """The summary the cell-eval shards write, here of all conditions at once (celleval_cross's input; made in
+    the driver, so its cost is not the cross pass's: the shards' work is what "celleval" measures)."""
+    import anndata as ad
+    from cell_eval._types import PerturbationAnndataPair
+
+    from perturb_repro.scoring.celleval import _profile_metric_names
+    from perturb_repro.scoring.celleval_cross import from_summary, summarise, write_summaries
+
+    pair = PerturbationAnndataPair(real=ad.read_h5ad(d / "truth.h5ad"), pred=ad.read_h5ad(d / "pred.h5ad"),
+                                   control_pert=CONTROL, pert_col="condition")
+    metrics = [m for m in _profile_metric_names("full") if from_summary(m)]
+    write_summaries([summarise(pair, {}, metrics)], d / "summary.h5ad", [])
 
 
 def _show(step: str, size: dict, r: dict, tag: str = "") -> None:
@@ -434,8 +456,11 @@ def projections(results: dict, budget_gb: float, budget_h: float, threads: int) 
             if step in ("preprocess", "preprocess_chunked") and step != sizes["preprocess"]:
                 continue  # each dataset's reader takes one of the two paths
             size = dict(sizes["data" if step in DATA_STEPS else "score"])
-            if step in SCORE_STEPS:  # one scoring job: a shard of conditions (cell-eval) or of groups (PerturBench)
-                split = sizes["shards"] if step == "celleval" else min(sizes["shards"], sizes["groups"])
+            if step == "celleval_cross" and sizes["shards"] == 1:
+                continue  # an unsharded dataset has no cross pass: score() computes everything in one job
+            if step in SCORE_STEPS:  # one scoring job: a shard of conditions (cell-eval) or of groups (PerturBench);
+                # the cross pass sees every condition (as summaries)
+                split = {"celleval": sizes["shards"], "celleval_cross": 1}.get(step, min(sizes["shards"], sizes["groups"]))
                 size["C"] = max(1, size["C"] // split)
             cpu_h = project_model(models["time"], size) / 3600
             gb = project_model(models["memory"], size) / 1024

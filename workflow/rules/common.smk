@@ -615,8 +615,8 @@ def _scoring_share(step, wildcards):
     groups = SCORING_SIZE_ESTIMATES.get(wildcards.dataset, (0, 0, 1))[2]
     if step == "score_celleval_shard":  # its conditions + the controls of its groups (shards are sliced group by group)
         return min(1.0, 1.0 / n + CONTROL_SHARE * max(1.0 / groups, 1.0 / n))
-    if step == "score_celleval_cross":  # one covariate group at a time (grouped data; else both whole files)
-        return 1.0 / groups if config["datasets"][wildcards.dataset].get("group_by") else 1.0
+    if step == "score_celleval_cross":  # the shards' summaries: a few rows per condition, no cells
+        return 0.0
     if step == "score_perturbench_shard":  # its groups (assumed even; the whole truth is only streamed, for the PCA)
         return 1.0 / min(n, groups)
     if step in ("score_celleval", "score_perturbench") and n > 1:  # the merge: CSVs and the truth's obs only
@@ -628,10 +628,9 @@ def scoring_mem_mb(step):
     fixed_mb, mb_per_gb, _, _ = SCORING_RESOURCE_MODEL[step]
 
     def resource(wildcards, input, attempt):
-        pred, truth, _ = _scoring_gb(wildcards, input)
-        return int(
-            min((fixed_mb + mb_per_gb * (pred + truth) * _scoring_share(step, wildcards)) * attempt, DATA_MEM_CAP_MB)
-        )
+        share = _scoring_share(step, wildcards)
+        pred, truth, _ = _scoring_gb(wildcards, input) if share > 0 else (0.0, 0.0, 1)
+        return int(min((fixed_mb + mb_per_gb * (pred + truth) * share) * attempt, DATA_MEM_CAP_MB))
 
     return resource
 
@@ -640,8 +639,8 @@ def scoring_runtime(step):
     _, _, fixed_min, min_per_gb = SCORING_RESOURCE_MODEL[step]
 
     def resource(wildcards, input, attempt):
-        pred, truth, groups = _scoring_gb(wildcards, input)
         share = _scoring_share(step, wildcards)
+        pred, truth, groups = _scoring_gb(wildcards, input) if share > 0 else (0.0, 0.0, 1)
         minutes = fixed_min + min_per_gb * (pred + truth) * share
         if step.startswith("score_perturbench") and share > 0:  # sum over the job's groups of pred_g x truth_g
             threads = max(1, int(config["scoring"].get("threads", 1)))
@@ -662,6 +661,12 @@ def celleval_inputs(w):
         base["shards"] = [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.csv" for i in range(n)]
         base["cross"] = f"results/{w.dataset}/{w.model}/score_shards/cross.csv"
     return base
+
+
+def celleval_summaries(w):
+    """Every cell-eval shard's cross-condition summary (score_celleval_cross's input)."""
+    n = score_shards(w.dataset, w.model)
+    return [f"results/{w.dataset}/{w.model}/score_shards/shard{i}_of_{n}.summary.h5ad" for i in range(n)]
 
 
 def perturbench_inputs(w):

@@ -2,8 +2,9 @@
 #
 # Rule names: score_<scorer>[_<part>] (score_celleval, score_celleval_shard, score_celleval_cross, score_perturbench).
 # scoring.shards (global, per dataset or per model entry; common.smk score_shards) = 1: one job. > 1: score_celleval_shard scores each of N deterministic shards of the test
-# conditions (every shard with all control cells), score_celleval_cross computes the cross-condition metrics
-# (discrimination_score_*, pearson_edistance, clustering_agreement) once over all conditions, and
+# conditions (every shard with the controls of its groups) and writes a summary of them (pseudobulks, centroids,
+# e-distances), score_celleval_cross computes the cross-condition metrics (discrimination_score_*,
+# pearson_edistance, clustering_agreement) over all conditions from those summaries (no cells), and
 # score_celleval merges them into the same metrics.csv / per_condition.csv (aggregates recomputed from
 # the merged table as cell-eval computes them). Predictions are always read from predictions.h5ad.
 
@@ -37,7 +38,8 @@ rule score_celleval_shard:
         pred="results/{dataset}/{model}/predictions.h5ad",
         truth="results/{dataset}/test_truth.h5ad",
     output:
-        temp("results/{dataset}/{model}/score_shards/shard{shard}_of_{n}.csv"),
+        results=temp("results/{dataset}/{model}/score_shards/shard{shard}_of_{n}.csv"),
+        summary=temp("results/{dataset}/{model}/score_shards/shard{shard}_of_{n}.summary.h5ad"),
     wildcard_constraints:
         shard=r"\d+",
         n=r"\d+",
@@ -62,7 +64,7 @@ rule score_celleval_shard:
 
 rule score_celleval_cross:
     input:
-        pred="results/{dataset}/{model}/predictions.h5ad",
+        summaries=celleval_summaries,
         truth="results/{dataset}/test_truth.h5ad",
     output:
         temp("results/{dataset}/{model}/score_shards/cross.csv"),

@@ -103,7 +103,8 @@ def _worker_main(argv: list[str]) -> int:
         parser.add_argument(flag, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--group-by", default="", help="comma-separated obs columns: score each group separately")
-    parser.add_argument("--only-cross", action="store_true", help="only the cross-condition metrics, no DE")
+    parser.add_argument("--summary-out", default="", help="a shard: skip the summary-based cross-condition metrics "
+                        "and write the summary they are computed from (scoring/celleval_cross.py)")
     args = parser.parse_args(argv)
     group_by = [c for c in args.group_by.split(",") if c]
 
@@ -114,12 +115,13 @@ def _worker_main(argv: list[str]) -> int:
     from cell_eval import MetricsEvaluator  # heavy import (numba, scanpy) only in the worker
 
     _cache_numba_kernels()
-    extra, compute_kwargs = {}, {}
-    if args.only_cross:
-        from cell_eval.metrics import metrics_registry
+    compute_kwargs = {}
+    summaries = None
+    if args.summary_out:
+        from perturb_repro.scoring.celleval_cross import from_summary
 
-        extra["skip_de"] = True
-        compute_kwargs["skip_metrics"] = [m for m in metrics_registry.list_metrics() if not is_cross_condition(m)]
+        summaries = []
+        compute_kwargs["skip_metrics"] = [m for m in _profile_metric_names(args.profile) if from_summary(m)]
 
     start = time.perf_counter()
     # per group, only that group's cells are brought into memory (backed files); without groups, both whole
@@ -134,11 +136,16 @@ def _worker_main(argv: list[str]) -> int:
             pert_col=args.pert_col,
             num_threads=args.threads,
             outdir=args.outdir,
-            **extra,
         )
         evaluator.compute(profile=args.profile, **compute_kwargs)  # writes results.csv and agg_results.csv
+        if summaries is not None:
+            summaries.append(_summary(evaluator, {}, args.profile))
     else:
-        _score_groups(pred, truth, args, group_by, MetricsEvaluator, extra, compute_kwargs)
+        _score_groups(pred, truth, args, group_by, MetricsEvaluator, compute_kwargs, summaries)
+    if summaries is not None:
+        from perturb_repro.scoring.celleval_cross import write_summaries
+
+        write_summaries(summaries, args.summary_out, group_by)
     elapsed = time.perf_counter() - start
     with open(os.path.join(args.outdir, "worker.json"), "w") as fh:
         json.dump({"seconds": elapsed, "metric_errors": collector.messages}, fh)
@@ -175,6 +182,19 @@ def _cache_numba_kernels() -> None:
                     value.enable_caching()
 
 
+def _profile_metric_names(profile: str) -> list[str]:
+    from cell_eval._pipeline import MetricPipeline
+
+    return list(MetricPipeline(profile=profile)._metrics)
+
+
+def _summary(evaluator, group: dict[str, str], profile: str) -> ad.AnnData:
+    """The cross-condition summary of one evaluator's pair (cell-eval's own data, after its normlog check)."""
+    from perturb_repro.scoring.celleval_cross import from_summary, summarise
+
+    return summarise(evaluator.anndata_pair, group, [m for m in _profile_metric_names(profile) if from_summary(m)])
+
+
 def _group_key_array(adata: ad.AnnData, group_by: list[str]) -> np.ndarray:
     return adata.obs[group_by].astype(str).agg("\t".join, axis=1).to_numpy()
 
@@ -194,9 +214,11 @@ def _take(adata, mask: np.ndarray) -> ad.AnnData:
 
 
 def _score_groups(
-    pred: ad.AnnData, truth: ad.AnnData, args, group_by: list[str], evaluator_cls, extra=None, compute_kwargs=None,
+    pred: ad.AnnData, truth: ad.AnnData, args, group_by: list[str], evaluator_cls, compute_kwargs=None,
+    summaries: list | None = None,
 ) -> None:
-    """cell-eval once per group (that group's cells and controls); results concatenated with group columns.
+    """cell-eval once per group (that group's cells and controls); results concatenated with group columns
+    (and, with ``summaries``, each group's cross-condition summary appended to it).
 
     ``agg_results.csv`` is polars' ``describe()`` over all (condition, group) rows, which is what
     cell-eval itself writes for one call (``results.drop('perturbation').describe()``).
@@ -214,10 +236,11 @@ def _score_groups(
             pert_col=args.pert_col,
             num_threads=args.threads,
             outdir=os.path.join(args.outdir, f"group_{i}"),
-            **(extra or {}),
         )
         results, _ = evaluator.compute(profile=args.profile, **(compute_kwargs or {}))
         values = key.split("\t")
+        if summaries is not None:
+            summaries.append(_summary(evaluator, dict(zip(group_by, values)), args.profile))
         frames.append(results.with_columns([pl.lit(v).alias(c) for c, v in zip(group_by, values)]))
     combined = pl.concat(frames, how="diagonal_relaxed")
     metrics = [c for c in combined.columns if c not in ("perturbation", *group_by)]
@@ -250,7 +273,7 @@ def _worker_env(num_threads: int, workdir: Path) -> dict[str, str]:
 def _run_worker(
     pred_path: Path, truth_path: Path, pert_col: str, control_label: str, profile: str, num_threads: int, workdir: Path,
     group_by: list[str] | None = None,
-    only_cross: bool = False,
+    summary_out: Path | None = None,
 ) -> tuple[Path, dict]:
     """Run :func:`_worker_main` in a fresh interpreter; return its output dir and ``worker.json``."""
     outdir = workdir / "celleval"
@@ -268,7 +291,7 @@ def _run_worker(
         f"--threads={num_threads}",
         f"--outdir={outdir}",
         f"--group-by={','.join(group_by or [])}",
-    ] + (["--only-cross"] if only_cross else [])
+    ] + ([f"--summary-out={summary_out}"] if summary_out else [])
     with open(stderr_path, "wb") as err:
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_worker_env(num_threads, workdir), check=False)
     if proc.returncode != 0:

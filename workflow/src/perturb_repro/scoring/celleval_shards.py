@@ -1,10 +1,11 @@
 """cell-eval in shards of test conditions plus one cross-condition pass, merged into one run's files.
 
 ``score_shard`` scores a contiguous slice of the (condition, *group) keys sorted by group (with the controls of its
-groups), ``score_cross`` computes the cross-condition metrics (:func:`perturb_repro.scoring.celleval.is_cross_condition`)
-over all conditions, one covariate group at a time, and ``merge_shards`` writes the ``metrics.csv`` /
-``per_condition.csv`` one :func:`perturb_repro.scoring.celleval.score` call writes (``tests/test_sharded_scoring.py``).
-Files are opened lazily (:class:`perturb_repro.data.backed.LazyH5ad`): only a shard's rows of X come into memory.
+groups) and writes the summary the cross-condition metrics need (:mod:`perturb_repro.scoring.celleval_cross`);
+``score_cross`` computes those metrics over all conditions from the shards' summaries (no cells), and
+``merge_shards`` writes the ``metrics.csv`` / ``per_condition.csv`` one :func:`perturb_repro.scoring.celleval.score`
+call writes (``tests/test_sharded_scoring.py``). Files are opened lazily
+(:class:`perturb_repro.data.backed.LazyH5ad`): only a shard's rows of X come into memory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from perturb_repro.scoring.celleval import (
     _per_condition_table,
     _read_celleval_csv,
     _remove,
+    _MetricErrorCollector,
     _run_worker,
     is_cross_condition,
 )
@@ -83,20 +85,26 @@ def score_shard(
     shard: int,
     n_shards: int,
     results_out: str | os.PathLike,
+    summary_out: str | os.PathLike,
     profile: str = "full",
     num_threads: int = 1,
     workdir: str | os.PathLike | None = None,
 ) -> None:
-    """cell-eval on one shard of the test conditions (all control cells included); writes its results.csv.
+    """cell-eval on one shard of the test conditions (with the controls of their groups); writes its results.csv
+    and its cross-condition summary.
 
-    The shard's keys are :func:`shard_keys` of the truth's sorted (condition, *group) keys. The file is
-    cell-eval's per-condition table for those conditions (label columns, then every metric of the
-    profile); its cross-condition columns (:func:`is_cross_condition`) only see this shard and are
-    replaced by :func:`merge_shards` with the whole-set pass of :func:`score_cross`. An empty shard
-    (more shards than conditions) writes a header-only file.
+    The shard's keys are :func:`shard_keys` of the truth's sorted (condition, *group) keys. ``results_out`` is
+    cell-eval's per-condition table for those conditions (label columns, then the profile's metrics but the
+    summary-based cross-condition ones, :mod:`perturb_repro.scoring.celleval_cross`); ``summary_out`` holds what
+    :func:`score_cross` computes those from over all shards. ``de_spearman_sig`` is recomputed by
+    :func:`merge_shards`. An empty shard (more shards than conditions) writes a header-only table and an
+    empty summary.
     """
-    pred_path, truth_path, results_out = Path(pred_path), Path(truth_path), Path(results_out)
-    _remove(results_out)
+    from perturb_repro.scoring.celleval_cross import write_summaries
+
+    pred_path, truth_path = Path(pred_path), Path(truth_path)
+    results_out, summary_out = Path(results_out), Path(summary_out)
+    _remove(results_out, summary_out)
     results_out.parent.mkdir(parents=True, exist_ok=True)
     truth_obs = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth_obs))
@@ -104,6 +112,7 @@ def score_shard(
     truth_obs.close()
     if not keys:
         write_csv(pd.DataFrame(columns=[CONDITION_COLUMN, *group_by]), results_out, index=False)
+        write_summaries([], summary_out, list(group_by))
         return
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -115,64 +124,67 @@ def score_shard(
         check_prediction(sub_pred, sub_truth, pert_col, control_label, str(pred_path), str(truth_path), list(group_by))
         del sub_pred, sub_truth
         outdir, info = _run_worker(scratch / "pred.h5ad", scratch / "truth.h5ad", pert_col, control_label, profile,
-                                   num_threads, scratch, list(group_by))
+                                   num_threads, scratch, list(group_by), summary_out=scratch / "summary.h5ad")
         if info.get("metric_errors"):
             logger.warning("cell-eval could not compute some metrics for shard %d of %s: %s", shard, pred_path, info["metric_errors"])
         expected = set(keys) if group_by else {k[0] for k in keys}
         _per_condition_table(_read_celleval_csv(outdir / "results.csv", CONDITION_COLUMN, group_by), expected, group_by)
         # cell-eval's own CSV (polars: NaN written as NaN, null as empty), so the merge keeps both apart
-        shutil.copyfile(outdir / "results.csv", results_out.with_suffix(".tmp"))
-        os.replace(results_out.with_suffix(".tmp"), results_out)
+        _publish(outdir / "results.csv", results_out)
+        _publish(scratch / "summary.h5ad", summary_out)
+    except BaseException:
+        _remove(results_out, summary_out)  # both or neither
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _publish(src: Path, dst: Path) -> None:
+    """Copy a finished scratch file into place atomically (a reader never sees half a file)."""
+    shutil.copyfile(src, dst.with_suffix(dst.suffix + ".tmp"))
+    os.replace(dst.with_suffix(dst.suffix + ".tmp"), dst)
+
+
 def score_cross(
-    pred_path: str | os.PathLike,
+    summary_paths: list[str | os.PathLike],
     truth_path: str | os.PathLike,
     pert_col: str,
     control_label: str,
     results_out: str | os.PathLike,
     profile: str = "full",
-    num_threads: int = 1,
-    workdir: str | os.PathLike | None = None,
 ) -> None:
-    """The profile's cross-condition metrics on all conditions at once (no DE); writes a per-condition CSV.
+    """The profile's summary-based cross-condition metrics over all conditions, from every shard's summary
+    (:func:`perturb_repro.scoring.celleval_cross.cross_metrics`); writes a per-condition CSV (label columns only
+    when the profile has none). Reads the summaries (conditions x genes) and the truth's obs, no cells."""
+    from perturb_repro.scoring.celleval_cross import cross_metrics, from_summary
 
-    Header-only (label columns) when the profile has none. Runs only the pseudobulk/e-distance/centroid metrics,
-    not the DE tests that dominate cell-eval's cost. With ``group_by`` the worker holds one group's cells at a
-    time; without, both whole files. The prediction contract is checked by the shards (:func:`score_shard`, each
-    on its conditions with all controls), which together cover every condition; here only the obs are read.
-    """
-    pred_path, truth_path, results_out = Path(pred_path), Path(truth_path), Path(results_out)
+    results_out = Path(results_out)
     _remove(results_out)
-    for path in (pred_path, truth_path):
+    for path in (*map(Path, summary_paths), Path(truth_path)):
         if not path.is_file():
             raise PipelineInputError(path, "(file)", "does not exist")
     truth = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth))
     keys = _condition_keys(truth, pert_col, control_label, group_by)
     truth.close()
-    from cell_eval._pipeline import MetricPipeline  # which metrics the profile computes
-
-    if not any(is_cross_condition(m) for m in MetricPipeline(profile=profile)._metrics):
-        write_csv(pd.DataFrame(columns=[CONDITION_COLUMN, *group_by]), results_out, index=False)
+    labels = [CONDITION_COLUMN, *group_by]
+    if not any(from_summary(m) for m in _profile_metrics(profile)):
+        write_csv(pd.DataFrame(columns=labels), results_out, index=False)
         return
-    if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="celleval_cross.", dir=workdir))
+    collector = _MetricErrorCollector()
+    logging.getLogger("cell_eval").addHandler(collector)
     try:
-        outdir, info = _run_worker(pred_path.resolve(), truth_path.resolve(), pert_col, control_label, profile,
-                                   num_threads, scratch, list(group_by), only_cross=True)
-        if info.get("metric_errors"):
-            logger.warning("cell-eval could not compute some metrics for %s: %s", pred_path, info["metric_errors"])
-        expected = set(keys) if group_by else {k[0] for k in keys}
-        _per_condition_table(_read_celleval_csv(outdir / "results.csv", CONDITION_COLUMN, group_by), expected, group_by)
-        results_out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(outdir / "results.csv", results_out.with_suffix(".tmp"))
-        os.replace(results_out.with_suffix(".tmp"), results_out)
+        frame = cross_metrics(list(summary_paths), control_label, profile)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        logging.getLogger("cell_eval").removeHandler(collector)
+    if collector.messages:
+        logger.warning("cell-eval could not compute some metrics for %s: %s", results_out, collector.messages)
+    expected = set(keys) if group_by else {k[0] for k in keys}
+    with tempfile.TemporaryDirectory() as scratch:
+        frame.write_csv(Path(scratch) / "results.csv")  # written and checked as cell-eval's own results.csv
+        _per_condition_table(_read_celleval_csv(Path(scratch) / "results.csv", CONDITION_COLUMN, group_by), expected, group_by)
+        results_out.parent.mkdir(parents=True, exist_ok=True)
+        _publish(Path(scratch) / "results.csv", results_out)
 
 
 def _profile_metrics(profile: str) -> list[str]:
