@@ -22,7 +22,7 @@ from pathlib import Path
 
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.tables.printed import decimals
-from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells
+from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells, spec_header
 
 SCHEMA_NAME = "paper_table"
 SCHEMA_VERSION = 1
@@ -175,12 +175,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
         )
     reject_duplicate_cells(src, [(c.dataset, c.model, c.metric, c.statistic) for c in cells])
     return TableSpec(
-        path=src,
-        table=data["table"],
-        title=data["title"],
-        source_seed=data["source"]["seed"],
-        source_section=data["source"]["section"],
-        notes=tuple(data["notes"]),
+        **spec_header(src, data),
         default_tolerance=_finite(src, data["default_tolerance"], "default_tolerance"),
         tolerance_source=data["tolerance_source"],
         cells=tuple(cells),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells
+from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells, spec_header
 
 SCHEMA_NAME = "scfate_audit"
 SCHEMA_VERSION = 1
@@ -133,12 +133,7 @@ def load_audit_spec(path: str | Path) -> AuditSpec:
         )
     reject_duplicate_cells(src, [(c.dataset, c.metric, c.variant) for c in cells])
     return AuditSpec(
-        path=src,
-        table=data["table"],
-        title=data["title"],
-        source_seed=data["source"]["seed"],
-        source_section=data["source"]["section"],
-        notes=tuple(data["notes"]),
+        **spec_header(src, data),
         ambiguities=tuple(data["ambiguities"]),
         dataset_tokens=datasets,
         metric_tokens=metrics,

@@ -150,3 +150,16 @@ def reject_duplicate_cells(src: str, keys: Sequence[Hashable]) -> None:
         if key in seen:
             raise PipelineInputError(src, f"cells[{i}]", f"duplicates cells[{seen[key]}] {key}")
         seen[key] = i
+
+
+def spec_header(src: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every spec family's dataclass opens with (path, table, title, source seed and section,
+    notes), from a document :func:`load_spec_document` has validated."""
+    return {
+        "path": src,
+        "table": data["table"],
+        "title": data["title"],
+        "source_seed": data["source"]["seed"],
+        "source_section": data["source"]["section"],
+        "notes": tuple(data["notes"]),
+    }
