@@ -1,4 +1,4 @@
-"""Test doubles shared by the training tests."""
+"""Test doubles shared by the tests: the training loop's stop flag, a block-size spy, synthetic perturbation data."""
 
 import signal
 from typing import TYPE_CHECKING
@@ -24,6 +24,22 @@ class SignalAfter:
 
     def __exit__(self, *exc):
         return None
+
+
+def record_block_rows(monkeypatch, module, name, block=lambda item: item):
+    """Replace the block generator ``module.<name>`` by one that yields the same items and records each
+    block's row count in the returned list (``block`` picks the block out of an item, e.g. an (offset, block) pair),
+    so a test can check that a chunked reader never holds more than a window of rows."""
+    original = getattr(module, name)
+    rows = []
+
+    def spy(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            rows.append(block(item).shape[0])
+            yield item
+
+    monkeypatch.setattr(module, name, spy)
+    return rows
 
 
 # --------------------------------------------------------------------------- synthetic perturbation data

@@ -70,6 +70,28 @@ def _reference(adata: ad.AnnData, panel: list[str], keep: np.ndarray, target_sum
     return counts, np.log1p(counts / library[:, None] * target_sum), library
 
 
+def _paper_cfg(raw: Path, panel: Path, chunk_size: int) -> dict:
+    """config/config.yaml's `cd4` entry pointed at a fixture file and panel."""
+    import yaml
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
+    return dict(cfg, name="cd4", source=dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=chunk_size))
+
+
+def _traced_paper_steps(tmp_path: Path, raw: Path, panel: Path, chunk_size: int) -> tuple[ad.AnnData, int]:
+    """split -> preprocess steps of the paper `cd4` entry; the processed file and the traced peak of preprocess."""
+    from perturb_repro.steps import preprocess_step, split_step
+
+    cfg = _paper_cfg(raw, panel, chunk_size)
+    split_step(str(raw), cfg, str(tmp_path / "split.csv"))
+    tracemalloc.start()
+    preprocess_step(str(raw), str(tmp_path / "split.csv"), cfg, str(tmp_path / "p.h5ad"), str(tmp_path / "s.json"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return ad.read_h5ad(tmp_path / "p.h5ad"), peak
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cd4")
@@ -217,14 +239,10 @@ def test_context_holdout_needs_context_columns():
 
 def test_paper_config_entry_runs_split_and_preprocess_steps(small, tmp_path):
     """config/config.yaml's `cd4` entry (backed_chunked reader, context holdout) on the fixture file."""
-    import yaml
-    from conftest import REPO
     from perturb_repro.steps import preprocess_step, split_step
 
     raw, _adata, genes, panel = small
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
-    source = dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=401)
-    cfg = dict(cfg, name="cd4", source=source)
+    cfg = _paper_cfg(raw, panel, chunk_size=401)
     split_step(str(raw), cfg, str(tmp_path / "split.csv"))
     table = pd.read_csv(tmp_path / "split.csv", keep_default_na=False)
     assert set(table["split"]) == {"train", "val", "test"} and list(table.columns[1:3]) == [DONOR, TIME]
@@ -240,23 +258,12 @@ def test_paper_config_entry_runs_split_and_preprocess_steps(small, tmp_path):
 def test_preprocessing_after_the_chunked_read_keeps_x_sparse_and_memory_small(tmp_path):
     """split -> preprocess of the cd4 entry on a sparse file: X and counts stay CSR, no whole-matrix densify,
     and the traced peak of the whole preprocess step (read, split, preprocess, write) stays far below dense."""
-    import yaml
-    from conftest import REPO
-    from perturb_repro.steps import preprocess_step, split_step
-
     n_obs, n_vars = 8_000, 2_500  # dense float32 = 80 MB
     raw = tmp_path / "big.h5ad"
     adata = _write_fixture(raw, n_obs, n_vars, density=0.01, seed=4)
     panel = _panel(tmp_path, list(adata.var_names[::2]))  # 1,250 genes: dense panel = 40 MB
     del adata
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
-    cfg = dict(cfg, name="cd4", source=dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=700))
-    split_step(str(raw), cfg, str(tmp_path / "split.csv"))
-    tracemalloc.start()
-    preprocess_step(str(raw), str(tmp_path / "split.csv"), cfg, str(tmp_path / "p.h5ad"), str(tmp_path / "s.json"))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    processed = ad.read_h5ad(tmp_path / "p.h5ad")
+    processed, peak = _traced_paper_steps(tmp_path, raw, panel, chunk_size=700)
     assert sp.issparse(processed.X) and sp.issparse(processed.layers["counts"])
     dense_panel = processed.n_obs * processed.n_vars * 4
     print(f"peak {peak / 2**20:.1f} MiB vs dense panel {dense_panel / 2**20:.0f} MiB, dense file {n_obs * n_vars * 4 / 2**20:.0f} MiB")
@@ -311,22 +318,11 @@ def test_streamed_preprocess_equals_in_memory_preprocess(small, tmp_path, keep_c
 
 def test_streamed_preprocess_holds_one_window_not_the_matrix(tmp_path):
     """The traced peak of the streamed preprocess step is below the processed file's own sparse arrays."""
-    import yaml
-    from conftest import REPO
-    from perturb_repro.steps import preprocess_step, split_step
-
     raw = tmp_path / "big.h5ad"
     adata = _write_fixture(raw, 20_000, 2_000, density=0.3, seed=6)  # panel arrays ~100 MB, obs a few MB
     panel = _panel(tmp_path, list(adata.var_names[::2]))
     del adata
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["cd4"]
-    cfg = dict(cfg, name="cd4", source=dict(cfg["source"], path=str(raw), gene_panel=str(panel), chunk_size=500))
-    split_step(str(raw), cfg, str(tmp_path / "split.csv"))
-    tracemalloc.start()
-    preprocess_step(str(raw), str(tmp_path / "split.csv"), cfg, str(tmp_path / "p.h5ad"), str(tmp_path / "s.json"))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    processed = ad.read_h5ad(tmp_path / "p.h5ad")
+    processed, peak = _traced_paper_steps(tmp_path, raw, panel, chunk_size=500)
     arrays = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in (processed.X, processed.layers["counts"]))
     print(f"peak {peak / 2**20:.1f} MiB, processed sparse arrays {arrays / 2**20:.1f} MiB")
     assert peak < arrays / 2, f"peak {peak / 2**20:.1f} MiB vs {arrays / 2**20:.1f} MiB"

@@ -4,6 +4,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from fakes import record_block_rows
 from sklearn.decomposition import PCA
 
 from perturb_repro.data import pca as pca_mod
@@ -83,15 +84,7 @@ def test_fit_never_densifies_the_whole_train_matrix(demo_processed, monkeypatch)
     n_train = int((sparse.obs["split"] == "train").sum())
     rows_per_chunk = 50
     monkeypatch.setattr(pca_mod, "CHUNK_BYTES", 8 * sparse.n_vars * rows_per_chunk)
-    seen = []
-    original = pca_mod._row_blocks
-
-    def spy(*args, **kwargs):
-        for block in original(*args, **kwargs):
-            seen.append(block.shape[0])
-            yield block
-
-    monkeypatch.setattr(pca_mod, "_row_blocks", spy)
+    seen = record_block_rows(monkeypatch, pca_mod, "_row_blocks")
     fit_pca(sparse, 10, seed=0)
     assert sum(seen) == n_train and max(seen) <= rows_per_chunk
 

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from fakes import record_block_rows
 
 from perturb_repro.data import truth as truth_mod
 from perturb_repro.data.truth import build_test_truth, write_test_truth, write_truth_file
@@ -62,15 +63,7 @@ def test_writer_reads_backed_windows_only(demo_processed, tmp_path, monkeypatch)
     processed = tmp_path / "processed.h5ad"
     write_h5ad(demo_processed, processed)
     rows = 64
-    sizes = []
-    original = truth_mod._dense_chunks
-
-    def spy(*args, **kwargs):
-        for offset, block in original(*args, **kwargs):
-            sizes.append(block.shape[0])
-            yield offset, block
-
-    monkeypatch.setattr(truth_mod, "_dense_chunks", spy)
+    sizes = record_block_rows(monkeypatch, truth_mod, "_dense_chunks", block=lambda item: item[1])  # (offset, block)
     backed = ad.read_h5ad(processed, backed="r")
     try:
         assert backed.isbacked
@@ -97,15 +90,7 @@ def test_layers_stay_on_disk_and_are_copied_window_by_window(demo_processed, tmp
     layer_bytes = big.layers["counts"].data.nbytes + big.layers["counts"].indices.nbytes
     with LazyH5ad(processed) as lazy:
         assert not sp.issparse(lazy.layers["counts"]) and lazy.layers["counts"].shape == big.shape
-    sizes = []
-    original = truth_mod._layer_chunks
-
-    def spy(*args, **kwargs):
-        for block in original(*args, **kwargs):
-            sizes.append(block.shape[0])
-            yield block
-
-    monkeypatch.setattr(truth_mod, "_layer_chunks", spy)
+    sizes = record_block_rows(monkeypatch, truth_mod, "_layer_chunks")
     rows = 200
     tracemalloc.start()
     write_test_truth(processed, tmp_path / "chunked.h5ad", chunk_bytes=4 * big.n_vars * rows)

@@ -1,4 +1,8 @@
-"""Atomic writers: an output either appears whole or not at all, so Snakemake never sees half a file."""
+"""Atomic writers: an output either appears whole or not at all, so Snakemake never sees half a file.
+
+Also the checked CSV reader of the report's inputs, so an unreadable file or a missing column fails
+with the same :class:`PipelineInputError` wording wherever it is read.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import anndata as ad
 import pandas as pd
+
+from perturb_repro.errors import PipelineInputError
 
 
 @contextlib.contextmanager
@@ -68,3 +74,17 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
 def write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_csv_checked(path: str | os.PathLike, columns: Sequence[str] = (), **read_csv_kwargs) -> pd.DataFrame:
+    """``pd.read_csv(path, **read_csv_kwargs)``, raising :class:`PipelineInputError` if the file cannot be
+    read as CSV or lacks one of ``columns`` (the first missing one, in the order given, is named)."""
+    src = str(path)
+    try:
+        frame = pd.read_csv(path, **read_csv_kwargs)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
+    for column in columns:
+        if column not in frame.columns:
+            raise PipelineInputError(src, column, "column is missing")
+    return frame

@@ -174,6 +174,14 @@ def _positive_int(cfg: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
+def _mask_prior_probability(cfg: Mapping[str, Any]) -> float:
+    """The Bernoulli prior of the mask, shared by both releases; strictly inside (0, 1) so its logs are finite."""
+    value = float(cfg.get("mask_prior_probability", 0.01))
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"mask_prior_probability must lie in (0, 1), got {value}")
+    return value
+
+
 class SAMSVAENet(nn.Module):
     """``SparseAdditiveVAE`` (``simple_latent: true``). ``forward`` predicts; ``loss_terms`` trains."""
 
@@ -197,9 +205,7 @@ class SAMSVAENet(nn.Module):
         self.inject_enc = bool(cfg.get("inject_covariates_encoder", False))
         self.inject_dec = bool(cfg.get("inject_covariates_decoder", False))
         self.softplus_output = bool(cfg.get("softplus_output", True))
-        self.mask_prior = float(cfg.get("mask_prior_probability", 0.01))
-        if not 0.0 < self.mask_prior < 1.0:
-            raise ValueError(f"mask_prior_probability must lie in (0, 1), got {self.mask_prior}")
+        self.mask_prior = _mask_prior_probability(cfg)
         temperature = cfg.get("mask_relaxation_temperature")
         self.temperature = None if temperature is None else float(temperature)
         self.latent_dim = latent
@@ -340,9 +346,7 @@ class SAMSVAE2025Net(nn.Module):
         self.disable_sparsity = bool(cfg.get("disable_sparsity", False))
         self.disable_e_dist = bool(cfg.get("disable_e_dist", False))
         self.generative_counterfactual = bool(cfg.get("generative_counterfactual", False))
-        self.mask_prior = float(cfg.get("mask_prior_probability", 0.01))
-        if not 0.0 < self.mask_prior < 1.0:
-            raise ValueError(f"mask_prior_probability must lie in (0, 1), got {self.mask_prior}")
+        self.mask_prior = _mask_prior_probability(cfg)
         if str(cfg.get("decoder_distribution", "IsotropicGaussian")) != "IsotropicGaussian":
             raise NotImplementedError("only decoder_distribution IsotropicGaussian (the default) is implemented")
         self.sparse = not self.disable_sparsity  # read by fit.json

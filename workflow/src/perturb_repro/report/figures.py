@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from perturb_repro.errors import PipelineInputError
+from perturb_repro.io import read_csv_checked
 
 PathLike = str | os.PathLike
 
@@ -82,10 +83,8 @@ def loss_curve(train_log_csv: PathLike, title: str) -> bytes:
         PipelineInputError: If the file cannot be read or lacks/garbles ``step`` or ``loss``.
     """
     src = str(train_log_csv)
-    try:
-        log = pd.read_csv(train_log_csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
+    log = read_csv_checked(train_log_csv)
+    # columns checked here, not by read_csv_checked: each is checked, then converted, before the next
     for column in ("step", "loss"):
         if column not in log.columns:
             raise PipelineInputError(src, column, "column is missing")
@@ -284,10 +283,7 @@ def read_per_condition_metric(path: PathLike, metric: str) -> np.ndarray:
         PipelineInputError: If the file cannot be read or the column is not numeric.
     """
     src = str(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
+    frame = read_csv_checked(path)
     if metric in frame.columns:
         values = frame[metric]
     elif {"metric", "value"} <= set(frame.columns):

@@ -16,7 +16,7 @@ import anndata as ad
 import pandas as pd
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import atomic_path
+from perturb_repro.io import atomic_path, read_csv_checked
 from perturb_repro.report import comparison, figures
 from perturb_repro.report.comparison import leaderboard_section, subgroup_section
 from perturb_repro.report.leaderboard import HIGHER, SUBGROUP_COLUMNS, leaderboard, metric_direction, subgroup_means
@@ -129,10 +129,7 @@ def _read_table_csv(path: PathLike) -> pd.DataFrame:
         raise PipelineInputError(src, "<file>", "table CSV does not exist")
     # reported must stay a string: "1.0000" carries the printed precision
     text_columns = {c: str for c in OUTPUT_COLUMNS if c not in ("reproduced", "reproduced_std", "n_seeds", "difference", "tolerance")}
-    try:
-        frame = pd.read_csv(path, dtype=text_columns)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
+    frame = read_csv_checked(path, dtype=text_columns)
     for column in OUTPUT_COLUMNS:
         if column in SEED_COLUMNS and column not in frame.columns:  # a table written before replicate seeds
             frame[column] = math.nan
@@ -218,13 +215,7 @@ def _audit_section(csv_path: PathLike, title: str, anchor: str) -> str:
 
 
 def _metrics_summary(metrics_csv: PathLike) -> str:
-    src = str(metrics_csv)
-    try:
-        frame = pd.read_csv(metrics_csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
-    if "metric" not in frame.columns:
-        raise PipelineInputError(src, "metric", "column is missing")
+    frame = read_csv_checked(metrics_csv, ("metric",))
     columns = [c for c in _METRICS_COLUMNS if c in frame.columns]
     rows = []
     for _, row in frame.iterrows():

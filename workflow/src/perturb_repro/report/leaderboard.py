@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from perturb_repro.errors import PipelineInputError
+from perturb_repro.io import read_csv_checked
 
 PathLike = str | os.PathLike
 
@@ -65,18 +66,6 @@ def metric_direction(metric: str) -> str | None:
     return {"ONE": HIGHER, "ZERO": LOWER}.get(best)
 
 
-def _read_summary(path: PathLike) -> pd.DataFrame:
-    src = str(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
-    for column in ("metric", "mean"):
-        if column not in frame.columns:
-            raise PipelineInputError(src, column, "column is missing")
-    return frame
-
-
 def read_run_summary(paths: Iterable[PathLike | None]) -> pd.DataFrame:
     """One run's summaries (metrics.csv, perturbench.csv) as a frame indexed by metric.
 
@@ -88,7 +77,7 @@ def read_run_summary(paths: Iterable[PathLike | None]) -> pd.DataFrame:
     for path in paths:
         if path is None or str(path) == "" or not Path(path).is_file():
             continue
-        frame = _read_summary(path)
+        frame = read_csv_checked(path, ("metric", "mean"))
         std_column = "mean" + SEED_STD_SUFFIX
         for record in frame.to_dict("records"):
             name = str(record["metric"])
@@ -174,14 +163,7 @@ def leaderboard(
 
 def read_split_table(path: PathLike) -> pd.DataFrame:
     """The test rows of a split.csv: ``condition``, the group columns, ``subgroup``."""
-    src = str(path)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise PipelineInputError(src, "<file>", f"cannot be read as CSV: {exc}") from exc
-    for column in ("condition", "split", "subgroup"):
-        if column not in frame.columns:
-            raise PipelineInputError(src, column, "column is missing")
+    frame = read_csv_checked(path, ("condition", "split", "subgroup"), dtype=str, keep_default_na=False)
     return frame[frame["split"] == "test"].drop(columns=["split"]).reset_index(drop=True)
 
 

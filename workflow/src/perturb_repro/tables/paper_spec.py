@@ -22,7 +22,7 @@ from pathlib import Path
 
 from perturb_repro.errors import PipelineInputError
 from perturb_repro.tables.printed import decimals
-from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells
+from perturb_repro.tables.spec_schema import load_schema, load_spec_document, SpecHeader, reject_duplicate_cells, spec_header
 
 SCHEMA_NAME = "paper_table"
 SCHEMA_VERSION = 1
@@ -89,28 +89,16 @@ class Assumption:
 
 
 @dataclass(frozen=True)
-class TableSpec:
+class TableSpec(SpecHeader):
     """A validated paper-table spec (schema: ``workflow/schemas/paper_table.schema.yaml``).
 
-    Attributes:
-        path: File the spec was loaded from (for error messages and provenance).
-        table: Short identifier.
-        title: Human-readable title.
-        source_seed: Seed file the numbers were transcribed from.
-        source_section: Section of the seed holding the table.
-        notes: Assumptions and caveats.
+    Attributes (after the :class:`SpecHeader` fields):
         default_tolerance: Absolute tolerance used when a cell has none.
         tolerance_source: Where ``default_tolerance`` comes from.
         cells: The printed numbers, in file order.
         assumptions: Explicit readings of the source with their evidence (may be empty).
     """
 
-    path: str
-    table: str
-    title: str
-    source_seed: str
-    source_section: str
-    notes: tuple[str, ...]
     default_tolerance: float
     tolerance_source: str
     cells: tuple[CellSpec, ...] = field(default_factory=tuple)
@@ -175,12 +163,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
         )
     reject_duplicate_cells(src, [(c.dataset, c.model, c.metric, c.statistic) for c in cells])
     return TableSpec(
-        path=src,
-        table=data["table"],
-        title=data["title"],
-        source_seed=data["source"]["seed"],
-        source_section=data["source"]["section"],
-        notes=tuple(data["notes"]),
+        **spec_header(src, data),
         default_tolerance=_finite(src, data["default_tolerance"], "default_tolerance"),
         tolerance_source=data["tolerance_source"],
         cells=tuple(cells),

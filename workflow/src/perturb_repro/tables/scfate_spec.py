@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.tables.spec_schema import load_schema, load_spec_document, reject_duplicate_cells
+from perturb_repro.tables.spec_schema import load_schema, load_spec_document, SpecHeader, reject_duplicate_cells, spec_header
 
 SCHEMA_NAME = "scfate_audit"
 SCHEMA_VERSION = 1
@@ -82,15 +82,9 @@ class AuditCell:
 
 
 @dataclass(frozen=True)
-class AuditSpec:
-    """A validated audit spec."""
+class AuditSpec(SpecHeader):
+    """A validated audit spec (the :class:`SpecHeader` fields, then the audit's own)."""
 
-    path: str
-    table: str
-    title: str
-    source_seed: str
-    source_section: str
-    notes: tuple[str, ...]
     ambiguities: tuple[str, ...]
     dataset_tokens: dict[str, frozenset[str]]
     metric_tokens: dict[str, frozenset[str]]
@@ -133,12 +127,7 @@ def load_audit_spec(path: str | Path) -> AuditSpec:
         )
     reject_duplicate_cells(src, [(c.dataset, c.metric, c.variant) for c in cells])
     return AuditSpec(
-        path=src,
-        table=data["table"],
-        title=data["title"],
-        source_seed=data["source"]["seed"],
-        source_section=data["source"]["section"],
-        notes=tuple(data["notes"]),
+        **spec_header(src, data),
         ambiguities=tuple(data["ambiguities"]),
         dataset_tokens=datasets,
         metric_tokens=metrics,

@@ -11,6 +11,7 @@ cells, cross-references between sections) stay in the loaders.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -150,3 +151,36 @@ def reject_duplicate_cells(src: str, keys: Sequence[Hashable]) -> None:
         if key in seen:
             raise PipelineInputError(src, f"cells[{i}]", f"duplicates cells[{seen[key]}] {key}")
         seen[key] = i
+
+
+@dataclass(frozen=True)
+class SpecHeader:
+    """The fields every spec family's dataclass opens with (filled by :func:`spec_header`).
+
+    Attributes:
+        path: File the spec was loaded from (for error messages and provenance).
+        table: Short identifier.
+        title: Human-readable title.
+        source_seed: Seed file the numbers were transcribed from.
+        source_section: Section of the seed holding the table.
+        notes: Assumptions and caveats.
+    """
+
+    path: str
+    table: str
+    title: str
+    source_seed: str
+    source_section: str
+    notes: tuple[str, ...]
+
+
+def spec_header(src: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`SpecHeader` fields, as keywords, of a document :func:`load_spec_document` has validated."""
+    return {
+        "path": src,
+        "table": data["table"],
+        "title": data["title"],
+        "source_seed": data["source"]["seed"],
+        "source_section": data["source"]["section"],
+        "notes": tuple(data["notes"]),
+    }
