@@ -590,7 +590,8 @@ SCORING_SIZE_ESTIMATES = {
 SCORING_RESOURCE_MODEL = {
     "score_celleval": (4000, 3500, 15, 6),
     "score_celleval_shard": (4000, 3500, 15, 6),
-    "score_celleval_cross": (4000, 3500, 15, 3),
+    # the shards' summaries, all in memory: 4 x (conditions + 1) x genes float64 (CD4 ~1.2 GB) and ~3 copies
+    "score_celleval_cross": (8000, 0, 15, 0),
     "score_perturbench": (3000, 1800, 15, 1),
     "score_perturbench_shard": (3000, 1800, 15, 1),
 }
