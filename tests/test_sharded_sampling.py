@@ -5,6 +5,7 @@ The equivalence runs the pipeline steps directly on the demo's processed inputs 
 sample_model / sample_shard / merge_predictions rules call); the DAG shape is checked with Snakemake dry runs."""
 
 import re
+import weakref
 
 import anndata as ad
 import numpy as np
@@ -170,6 +171,129 @@ def test_a_failed_sampling_job_leaves_no_output(demo, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         _predict(run, "norman_demo", "control_mean", SAMPLING, tmp_path / "p.h5ad", shards=2)
     assert not list(tmp_path.rglob("*.h5ad"))
+
+
+# -- streaming: predicted blocks go to disk as they are sampled --------------------------------------------------
+
+class _TrackedModel:
+    """A model whose blocks are tracked (weak references): how many predicted blocks are alive at each call.
+    A block is a function of its entry's seed alone, as a real model's: 5 + seed % 3 rows (row counts vary, as
+    the baselines' do)."""
+
+    def __init__(self, fail_at=None):
+        self.refs, self.peak, self.calls, self.fail_at = [], 0, 0, fail_at
+
+    def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
+        if self.calls == self.fail_at:
+            raise RuntimeError("killed mid-plan")
+        block = _tracked_block(sampling["seed"], control.n_vars)
+        self.calls += 1
+        self.refs.append(weakref.ref(block))  # ndarrays are weak-referenceable, not hashable (no WeakSet)
+        self.peak = max(self.peak, sum(ref() is not None for ref in self.refs))
+        return {conditions[0]: block}
+
+
+def _tracked_block(seed, n_vars):
+    return np.random.default_rng(seed).random((5 + seed % 3, n_vars), dtype=np.float32)
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """A backed-readable truth of 2 cell lines x 6 test conditions (12 plan entries) and the tracked model."""
+    from perturb_repro.models.base import ModelContext
+
+    rng = np.random.default_rng(0)
+    labels, lines = [], []
+    for line in ("A", "B"):
+        for label in [f"G{i}" for i in range(6)] + ["control"]:
+            labels += [label] * 4
+            lines += [line] * 4
+    obs = pd.DataFrame({"condition": labels, "is_control": [c == "control" for c in labels], "cell_line": lines},
+                       index=[f"c{i}" for i in range(len(labels))])
+    truth = ad.AnnData(X=rng.random((len(labels), 7), dtype=np.float32), obs=obs,
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(7)]))
+    truth.uns = {"control_label": "control", "group_by": ["cell_line"]}
+    truth.write_h5ad(tmp_path / "truth.h5ad")
+    (tmp_path / "out").mkdir()
+    model = _TrackedModel()
+    monkeypatch.setattr(steps, "get_model", lambda model_type: model)
+    monkeypatch.setattr(steps, "_context", lambda dataset, adata, pca, esm2, seed: ModelContext(dataset, "control", None, {}, seed))
+    return {"truth": str(tmp_path / "truth.h5ad"), "model": model, "out": tmp_path / "out"}
+
+
+SYN_CFG, SYN_SAMPLING = {"type": "tracked"}, {"n_cells_per_condition": 5, "seed": 0}
+
+
+def _syn_predict(syn, out, sampling=SYN_SAMPLING, **shard):
+    steps.predict_step("syn", "tracked", syn["truth"], "", "", "", SYN_CFG, {}, sampling, "", str(out), **shard)
+
+
+def _old_predict(syn, out, shard=None, shards=1):
+    """The file the list-collecting predict_step wrote (every block in a list, then written): the reference."""
+    truth = ad.read_h5ad(syn["truth"], backed="r")
+    group_by = steps.group_columns(truth)
+    plan = steps.sampling_plan(truth.obs, "control", group_by)
+    plan = plan if shard is None else steps.shard_plan(plan, shard, shards)
+    seeds = [steps.condition_seed(0, values, condition) for values, condition in plan]
+    blocks = [_tracked_block(seed, truth.n_vars) for seed in seeds]
+    if shard is None:
+        skeleton = steps._skeleton(truth, plan, [b.shape[0] for b in blocks], seeds, group_by, "syn", "tracked",
+                                   SYN_CFG, SYN_SAMPLING, 0.0)
+        steps._write_predictions(skeleton, [*blocks, *steps._control_chunks(truth, 8192)], str(out))
+    else:
+        labels = [c for (_, c), x in zip(plan, blocks) for _ in range(x.shape[0])]
+        obs = pd.DataFrame({"condition": labels}, index=[f"shard{shard}_{i}" for i in range(len(labels))])
+        obs["cell_line"] = [v[0] for (v, _), x in zip(plan, blocks) for _ in range(x.shape[0])]
+        steps.write_h5ad(ad.AnnData(X=np.vstack(blocks), obs=obs, var=truth.var[[]].copy(), uns={
+            "shard": shard, "shards": shards, "shard_rule": steps.SHARD_RULE, "sample_seconds": 0.0,
+            "entries": steps._key_table(plan, group_by, seed=seeds, rows=[b.shape[0] for b in blocks])}), str(out))
+    truth.file.close()
+    return ad.read_h5ad(out)
+
+
+@pytest.mark.parametrize("shard", [None, 0])
+def test_sampling_holds_one_predicted_block_at_a_time(synthetic, tmp_path, shard):
+    """Peak memory is one block, not the plan: at every model call at most one earlier block is still alive (the
+    list-collecting code held all 12, or the shard's 6; a block kept one call too long makes it 2)."""
+    kwargs = {} if shard is None else {"shard": shard, "shards": 2}
+    _syn_predict(synthetic, synthetic["out"] / "p.h5ad", **kwargs)
+    assert synthetic["model"].calls == (12 if shard is None else 6)
+    assert synthetic["model"].peak == 1
+
+
+@pytest.mark.parametrize("shard", [None, 0, 1])
+def test_the_streamed_file_is_the_file_the_in_memory_code_wrote(synthetic, tmp_path, shard):
+    kwargs = {} if shard is None else {"shard": shard, "shards": 2}
+    _syn_predict(synthetic, tmp_path / "streamed.h5ad", **kwargs)
+    _assert_same_file(ad.read_h5ad(tmp_path / "streamed.h5ad"), _old_predict(synthetic, tmp_path / "old.h5ad", **kwargs))
+
+
+def test_streamed_shards_merge_to_the_streamed_one_job_file(synthetic, tmp_path):
+    _syn_predict(synthetic, tmp_path / "one.h5ad")
+    parts = [str(tmp_path / f"{i}-of-3.h5ad") for i in range(3)]
+    for i, part in enumerate(parts):
+        _syn_predict(synthetic, part, {**SYN_SAMPLING, "shards": 3}, shard=i, shards=3)
+    steps.merge_predictions_step("syn", "tracked", synthetic["truth"], parts, SYN_CFG, SYN_SAMPLING,
+                                 str(tmp_path / "merged.h5ad"))
+    _assert_same_file(ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "merged.h5ad"))
+
+
+@pytest.mark.parametrize("shard", [None, 0])
+def test_a_model_failing_mid_plan_leaves_no_output_and_no_scratch(synthetic, shard):
+    synthetic["model"].fail_at = 4  # blocks 0..3 are already in the scratch file
+    kwargs = {} if shard is None else {"shard": shard, "shards": 2}
+    with pytest.raises(RuntimeError, match="killed mid-plan"):
+        _syn_predict(synthetic, synthetic["out"] / "p.h5ad", **kwargs)
+    assert synthetic["model"].calls == 4
+    assert list(synthetic["out"].iterdir()) == []  # hidden temps included
+
+
+def test_a_killed_jobs_scratch_file_is_swept_by_the_next_job(synthetic):
+    """SIGKILL / OOM run no ``finally``: the orphaned scratch is removed when the job is rerun."""
+    out = synthetic["out"]
+    (out / ".p.scratch.ab12cd_3.tmp.h5").write_bytes(b"half a file")
+    _syn_predict(synthetic, out / "p.h5ad")
+    assert sorted(p.name for p in out.iterdir()) == ["p.h5ad"]
 
 
 # -- the DAG -------------------------------------------------------------------------------------------------

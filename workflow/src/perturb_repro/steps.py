@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import anndata as ad
 import numpy as np
@@ -23,7 +26,7 @@ from .data.source import CONDITION, IS_CONTROL, load_source, source_gene_count
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
 from .errors import PipelineInputError
-from .io import atomic_path, write_csv, write_h5ad, write_text
+from .io import atomic_path, remove_stale_temps, write_csv, write_h5ad, write_text
 from .models.base import ModelContext, get_model
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,10 @@ SHARD_RULE = (
 )
 TIMING_KEYS = ("sample_seconds",)  # the only uns entries that differ between two runs of the same sampling
 CONTROL_CHUNK_ROWS = 8192  # control rows copied from the truth per block
+# the scratch dataset's HDF5 chunks span whole rows (a row-range read touches only its chunks) and are ~1 MB, the
+# size of HDF5's default chunk cache; rows are copied from scratch to the output ~32 MB at a time
+SCRATCH_CHUNK_BYTES = 2**20
+COPY_CHUNK_BYTES = 32 * 2**20
 
 
 def condition_seed(seed: int, group_values: tuple[str, ...], condition: str) -> int:
@@ -218,14 +225,14 @@ def check_solver(model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str
 def _sample_plan(
     truth_adata: ad.AnnData, plan: list, group_by: list[str], context: ModelContext, model_cfg: Mapping[str, Any],
     params: Mapping[str, Any], sampling: Mapping[str, Any], checkpoint_dir: str,
-) -> tuple[list[np.ndarray], list[int], float]:
-    """Predicted cells of each plan entry (one model call per entry, its own seed), the seeds, and seconds."""
+) -> Iterator[tuple[np.ndarray, int, float]]:
+    """(predicted cells, seed, seconds of the model call) of each plan entry in turn, one model call per entry with
+    its own seed. A generator, so a paper-scale plan (Replogle: ~27 GB of cells) is never in memory at once."""
     is_control = truth_adata.obs[IS_CONTROL].to_numpy(dtype=bool)
     n_cells = int(sampling["n_cells_per_condition"])  # generative models; baselines return the control set
     model_impl = get_model(model_cfg["type"])
     base_seed = int(sampling.get("seed", 0))
     masks = dict(_groups_of(truth_adata.obs, group_by))
-    blocks, seeds, seconds = [], [], 0.0
     control, control_of = None, None
     for values, condition in plan:
         if control_of != values:  # plans are sorted by group: each group's controls are read once
@@ -237,13 +244,55 @@ def _sample_plan(
         started = time.time()
         cells = model_impl.sample(Path(checkpoint_dir), [condition], control, n_cells, replace(context, seed=seed),
                                   params, {**_sampler_record(sampling), "seed": seed})
-        seconds += time.time() - started
+        seconds = time.time() - started
         x = np.asarray(cells[condition], dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != truth_adata.n_vars or x.shape[0] == 0:
             raise ValueError(f"model returned shape {x.shape} for '{condition}', expected (n, {truth_adata.n_vars})")
-        blocks.append(x)
+        yield x, seed, seconds
+        del cells, x  # a suspended generator keeps its locals: without this the block outlives the next call
+
+
+@contextlib.contextmanager
+def _scratch_file(out_h5ad: str) -> Iterator[Path]:
+    """An empty scratch file beside ``out_h5ad`` (same disk, so no /tmp quota), removed on success and failure.
+    Named as :func:`io.atomic_path` names temps of ``<stem>.scratch.h5``, so the one a killed job left (SIGKILL,
+    OOM: no ``finally``) is swept by the next job's :func:`io.remove_stale_temps`; not as a temp of ``out_h5ad``,
+    whose ``atomic_path`` would sweep the live scratch while the output is written from it."""
+    target = Path(out_h5ad)
+    scratch = target.with_name(f"{target.stem}.scratch.h5")
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(scratch)
+    fd, tmp = tempfile.mkstemp(prefix=f".{scratch.stem}.", suffix=f".tmp{scratch.suffix}", dir=scratch.parent)
+    os.close(fd)
+    path = Path(tmp)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _append_blocks(entries, handle, n_vars: int) -> tuple[Any, list[int], list[int], float]:
+    """Append each (block, seed, seconds) of ``entries`` to a resizable float32 dataset of the open HDF5 ``handle``
+    as it comes (rows are only known once sampled); returns the dataset, rows and seeds per entry, total seconds."""
+    x_scratch = handle.create_dataset("X", shape=(0, n_vars), maxshape=(None, n_vars), dtype=np.float32,
+                                      chunks=(max(1, SCRATCH_CHUNK_BYTES // (4 * n_vars)), n_vars))
+    rows, seeds, seconds = [], [], 0.0
+    for block, seed, elapsed in entries:
+        first = x_scratch.shape[0]
+        x_scratch.resize(first + block.shape[0], axis=0)
+        x_scratch[first:] = block
+        rows.append(block.shape[0])
         seeds.append(seed)
-    return blocks, seeds, seconds
+        seconds += elapsed
+        del block  # the loop variable would otherwise hold this block while the generator samples the next
+    return x_scratch, rows, seeds, seconds
+
+
+def _row_chunks(x_scratch, n_vars: int):
+    """The scratch dataset's rows in order, ~:data:`COPY_CHUNK_BYTES` per read."""
+    step = max(1, COPY_CHUNK_BYTES // (4 * n_vars))
+    for lo in range(0, x_scratch.shape[0], step):
+        yield x_scratch[lo:lo + step]
 
 
 def _key_table(plan: list, group_by: list[str], **columns) -> dict[str, np.ndarray]:
@@ -327,6 +376,9 @@ def predict_step(
 
     With ``shard`` (0-based, of ``shards``) only that shard's conditions (:data:`SHARD_RULE`) are sampled and
     ``out_h5ad`` is a shard file (predicted cells only, no controls) for :func:`merge_predictions_step`.
+
+    Streams: each block goes to a scratch file beside ``out_h5ad`` as it is sampled (:func:`_write_sampled`), so
+    memory is one block plus a group's controls at any plan size; the file is the one the in-memory code wrote.
     """
     limit_threads()
     check_solver(model, model_cfg, sampling)
@@ -338,28 +390,40 @@ def predict_step(
         if shard is not None:
             plan = shard_plan(plan, int(shard), int(shards))
             logger.info("shard %d of %d: %d (group, condition) entries", shard, shards, len(plan))
-        blocks, seeds, seconds = _sample_plan(truth_adata, plan, group_by, context, model_cfg, params, sampling,
-                                              checkpoint_dir)
-        if shard is None:
-            skeleton = _skeleton(truth_adata, plan, [b.shape[0] for b in blocks], seeds, group_by, dataset, model,
-                                 model_cfg, sampling, seconds)
-            _write_predictions(skeleton, [*blocks, *_control_chunks(truth_adata, CONTROL_CHUNK_ROWS)], out_h5ad)
-        else:
-            write_h5ad(_shard_file(truth_adata, plan, blocks, seeds, group_by, int(shard), int(shards), seconds),
-                       out_h5ad)
+        entries = _sample_plan(truth_adata, plan, group_by, context, model_cfg, params, sampling, checkpoint_dir)
+        _write_sampled(truth_adata, plan, entries, group_by, out_h5ad, shard, shards,
+                       dict(dataset=dataset, model=model, model_cfg=model_cfg, sampling=sampling))
     finally:
         truth_adata.file.close()
 
 
-def _shard_file(truth_adata, plan, blocks, seeds, group_by, shard, shards, seconds) -> ad.AnnData:
-    labels = [c for (_, c), x in zip(plan, blocks) for _ in range(x.shape[0])]
+def _write_sampled(truth_adata, plan, entries, group_by, out_h5ad, shard, shards, about) -> None:
+    """Stream ``entries`` (from :func:`_sample_plan`) to a scratch file, then write predictions.h5ad (or the shard
+    file) from it: memory is one block plus a group's controls, not the plan's cells; disk holds X twice until the
+    scratch is removed. The skeleton's obs needs every entry's row count, known only once all are sampled."""
+    import h5py
+
+    with _scratch_file(out_h5ad) as scratch, h5py.File(scratch, "w") as handle:
+        x_scratch, rows, seeds, seconds = _append_blocks(entries, handle, truth_adata.n_vars)
+        sampled = _row_chunks(x_scratch, truth_adata.n_vars)
+        if shard is None:
+            skeleton = _skeleton(truth_adata, plan, rows, seeds, group_by, seconds=seconds, **about)
+            _write_predictions(skeleton, itertools.chain(sampled, _control_chunks(truth_adata, CONTROL_CHUNK_ROWS)),
+                               out_h5ad)
+        else:
+            _write_predictions(_shard_skeleton(truth_adata, plan, rows, seeds, group_by, int(shard), int(shards),
+                                               seconds), sampled, out_h5ad)
+
+
+def _shard_skeleton(truth_adata, plan, rows, seeds, group_by, shard, shards, seconds) -> ad.AnnData:
+    """A shard file but X: ``rows[k]`` cells of entry k of the shard's plan, named shard<i>_<row>."""
+    labels = [c for (_, c), n in zip(plan, rows) for _ in range(n)]
     obs = pd.DataFrame({CONDITION: labels}, index=[f"shard{shard}_{i}" for i in range(len(labels))])
     for j, column in enumerate(group_by):
-        obs[column] = [v[j] for (v, _), x in zip(plan, blocks) for _ in range(x.shape[0])]
-    x = np.vstack(blocks) if blocks else np.zeros((0, truth_adata.n_vars), dtype=np.float32)
-    return ad.AnnData(X=x, obs=obs, var=truth_adata.var[[]].copy(), uns={
+        obs[column] = [v[j] for (v, _), n in zip(plan, rows) for _ in range(n)]
+    return ad.AnnData(obs=obs, var=truth_adata.var[[]].copy(), uns={
         "shard": shard, "shards": shards, "shard_rule": SHARD_RULE, "sample_seconds": seconds,
-        "entries": _key_table(plan, group_by, seed=seeds, rows=[b.shape[0] for b in blocks]),
+        "entries": _key_table(plan, group_by, seed=seeds, rows=rows),
     })
 
 
