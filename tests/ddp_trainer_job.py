@@ -43,3 +43,22 @@ def train_tiny(out_dir: str, steps: int, global_batch: int, seed: int = 0, accum
     if trainer.is_main:
         torch.save(result.module.state_dict(), Path(out_dir) / "weights.pt")
     trainer.close()
+
+
+def fail_on_rank(out_dir: str, failing_rank: int):
+    """One rank raises at once; the other joins the process group and waits for it (as a rank whose peer died in
+    a collective would): only the launcher stopping it ends the job."""
+    import os
+
+    from perturb_repro.distributed import current_world, init_process_group
+
+    world = current_world()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"rank{world.rank}.pid").write_text(str(os.getpid()))
+    if world.rank == failing_rank:
+        import time
+
+        while len(list(Path(out_dir).glob("rank*.pid"))) < world.size:  # every rank is up before this one dies
+            time.sleep(0.05)
+        raise RuntimeError(f"rank {world.rank} fails on purpose")
+    init_process_group(world, "cpu")  # blocks: the failing rank never joins

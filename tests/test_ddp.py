@@ -103,3 +103,21 @@ def test_ddp_matches_one_process_and_resumes(tmp_path, monkeypatch):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+
+
+def test_only_rank_zero_writes_the_checkpoint_metadata(tmp_path, monkeypatch):
+    """Every file has one writer: an atomic write sweeps the temps of its target, so a second rank writing the same
+    meta file removed rank 0's temp mid-rename (FileNotFoundError on rank 0, its peer then waiting forever)."""
+    from perturb_repro.models import scldm
+
+    spec = {"n_genes": 3}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    scldm._check_meta(tmp_path / "meta.json", spec)
+    assert not (tmp_path / "meta.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    scldm._check_meta(tmp_path / "meta.json", spec)
+    assert json.loads((tmp_path / "meta.json").read_text()) == spec
+    monkeypatch.setenv("RANK", "1")  # a non-main rank still refuses a checkpoint written for other params
+    with pytest.raises(ValueError, match="other params"):
+        scldm._check_meta(tmp_path / "meta.json", {"n_genes": 4})

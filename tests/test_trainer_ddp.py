@@ -80,3 +80,21 @@ def test_preempted_ddp_run_resumes_to_the_same_weights(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same world size: bit-identical
     log = (cut / "train_log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(STEPS))
+
+
+def test_a_failing_rank_stops_the_others_at_once(tmp_path, monkeypatch):
+    """Without the launcher's fail-fast, the surviving rank waits for its dead peer until the timeout (here 120 s);
+    with it the job fails within seconds, naming the failed rank, and leaves no rank running."""
+    import os
+    import time
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    out = tmp_path / "fail"
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[\(1, 1\)\].*stopped rank\(s\) \[0\]"):
+        launch({"function": "ddp_trainer_job:fail_on_rank", "kwargs": {"out_dir": str(out), "failing_rank": 1}},
+               tmp_path / "fail.json", nodes=1, tasks_per_node=2, use_srun=False, timeout=120)
+    assert time.monotonic() - t0 < 60
+    survivor = int((out / "rank0.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(survivor, 0)

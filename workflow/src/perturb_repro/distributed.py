@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,14 +92,30 @@ def launch(job: Mapping[str, Any], spec_path: Path, *, nodes: int, tasks_per_nod
     env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)})
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]
+        codes = _wait_all_or_first_failure(procs, cmd, timeout)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    bad = [(r, c) for r, c in enumerate(codes) if c != 0]
+                p.wait()
+    bad = [(r, c) for r, c in enumerate(codes) if c not in (0, None)]
     if bad:
-        raise RuntimeError(f"data-parallel training failed: rank(s) {bad} (rank, exit code); see the job log")
+        stopped = [r for r, c in enumerate(codes) if c is None]
+        raise RuntimeError(f"data-parallel training failed: rank(s) {bad} (rank, exit code)"
+                           + (f"; stopped rank(s) {stopped}" if stopped else "") + "; see the job log")
+
+
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], cmd: list[str], timeout: float | None) -> list[int | None]:
+    """Exit codes once every rank has exited, or as soon as one fails (None for those still running): the others
+    would otherwise wait in their next collective forever, as torchrun and srun --kill-on-bad-exit also assume."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(c not in (0, None) for c in codes):
+            return codes
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        time.sleep(0.1)
 
 
 def _worker(spec_path: str) -> None:

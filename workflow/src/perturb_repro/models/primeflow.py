@@ -564,10 +564,11 @@ class PRiMeFlowModel:
         meta_path = checkpoint_dir / META_FILE
         if meta_path.exists() and json.loads(meta_path.read_text()) != json.loads(json.dumps(spec)):
             raise ValueError(f"{meta_path} was written for other params/data; remove the checkpoint to retrain")
-        write_text(json.dumps(spec, indent=1), meta_path)
-        lo, hi = _gene_range(train.X)
-        with atomic_path(checkpoint_dir / RANGES_FILE) as tmp:
-            np.savez(tmp, lo=lo, hi=hi)
+        if current_world().is_main:  # one writer per file: a second rank's atomic write would sweep rank 0's temp
+            write_text(json.dumps(spec, indent=1), meta_path)
+            lo, hi = _gene_range(train.X)
+            with atomic_path(checkpoint_dir / RANGES_FILE) as tmp:
+                np.savez(tmp, lo=lo, hi=hi)
 
         training = params["training"]
         cells = _Cells(train, context, spec)

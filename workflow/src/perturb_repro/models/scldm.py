@@ -147,7 +147,8 @@ def _jsonable(obj: Any) -> Any:
 def _check_meta(path: Path, spec: Mapping[str, Any]) -> None:
     if path.exists() and json.loads(path.read_text()) != _jsonable(spec):
         raise ValueError(f"{path} was written for other params/data; remove the checkpoint to retrain")
-    write_text(json.dumps(spec, indent=1), path)
+    if current_world().is_main:  # one writer per file: a second rank's atomic write would sweep rank 0's temp
+        write_text(json.dumps(spec, indent=1), path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,9 +430,10 @@ class ScLDMModel:
         (ae_dir / AE_WEIGHTS).unlink(missing_ok=True)  # stale: written by a run with fewer updates
         counts = counts_matrix(train, params.get("counts"))
         library = np.asarray(counts.sum(axis=1)).ravel().astype(np.float32)
-        # (library over the panel, normalisation unit) of every train cell, for decoding generated cells
-        with atomic_path(ae_dir / LIBRARY_FILE) as tmp:
-            np.save(tmp, np.stack([library.astype(np.float64), normalisation_units(train, counts)], axis=1))
+        # (library over the panel, normalisation unit) of every train cell, for decoding generated cells; rank 0 writes
+        if current_world().is_main:
+            with atomic_path(ae_dir / LIBRARY_FILE) as tmp:
+                np.save(tmp, np.stack([library.astype(np.float64), normalisation_units(train, counts)], axis=1))
         trainer = Trainer(trainer_config(training, total, int(context.seed)), ae_dir, kind="scldm_autoencoder",
                           fingerprint=spec, log_file=LOG_FILE)
         model = build_autoencoder(spec, context.seed)
