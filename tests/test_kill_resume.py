@@ -217,3 +217,22 @@ def test_train_log_drops_a_row_cut_short_by_a_kill(tmp_path):
     log.close()
     rows = path.read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == [str(i) for i in range(101)]
+
+
+def test_sibling_outputs_are_written_all_or_none(tmp_path):
+    """A rule's two tables (metrics + per-condition) must agree: when the second write fails, the first (already
+    renamed into place) is removed again, and no temp file is left beside either."""
+    import pandas as pd
+
+    from perturb_repro.io import write_csvs
+
+    class Unwritable(pd.DataFrame):
+        def to_csv(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    first, second = tmp_path / "metrics.csv", tmp_path / "per_condition.csv"
+    with pytest.raises(OSError, match="disk full"):
+        write_csvs((pd.DataFrame({"a": [1]}), first), (Unwritable({"b": [2]}), second), index=False)
+    assert list(tmp_path.iterdir()) == []
+    write_csvs((pd.DataFrame({"a": [1]}), first), (pd.DataFrame({"b": [2]}), second), index=False)
+    assert pd.read_csv(first)["a"].tolist() == [1] and pd.read_csv(second)["b"].tolist() == [2]

@@ -360,12 +360,12 @@ def _write_cross_summary(d: Path) -> None:
     import anndata as ad
     from cell_eval._types import PerturbationAnndataPair
 
-    from perturb_repro.scoring.celleval import _profile_metric_names
+    from perturb_repro.scoring.celleval import profile_metrics
     from perturb_repro.scoring.celleval_cross import from_summary, summarise, write_summaries
 
     pair = PerturbationAnndataPair(real=ad.read_h5ad(d / "truth.h5ad"), pred=ad.read_h5ad(d / "pred.h5ad"),
                                    control_pert=CONTROL, pert_col="condition")
-    metrics = [m for m in _profile_metric_names("full") if from_summary(m)]
+    metrics = [m for m in profile_metrics("full") if from_summary(m)]
     write_summaries([summarise(pair, {}, metrics)], d / "summary.h5ad", [])
 
 

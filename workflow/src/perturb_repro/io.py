@@ -71,6 +71,23 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
         frame.to_csv(tmp, **kwargs)
 
 
+def write_csvs(*outputs: tuple[pd.DataFrame, str | os.PathLike], **kwargs) -> None:
+    """Write each ``(frame, path)`` atomically, and all of them or none: a failure removes those already written,
+    so a rule's sibling outputs (metrics + per-condition table) never disagree."""
+    try:
+        for frame, path in outputs:
+            write_csv(frame, path, **kwargs)
+    except BaseException:
+        remove_outputs(*(path for _, path in outputs))
+        raise
+
+
+def remove_outputs(*paths: str | os.PathLike) -> None:
+    """Delete outputs that may not exist (a rerun's stale ones, or siblings of a failed write)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -38,7 +38,7 @@ import pandas as pd
 
 import perturb_repro
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import write_csv
+from perturb_repro.io import remove_outputs, write_csvs
 from perturb_repro.scoring.contract import check_prediction, group_columns
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _worker_main(argv: list[str]) -> int:
         from perturb_repro.scoring.celleval_cross import from_summary
 
         summaries = []
-        compute_kwargs["skip_metrics"] = [m for m in _profile_metric_names(args.profile) if from_summary(m)]
+        compute_kwargs["skip_metrics"] = [m for m in profile_metrics(args.profile) if from_summary(m)]
 
     start = time.perf_counter()
     # per group, only that group's cells are brought into memory (backed files); without groups, both whole
@@ -182,7 +182,8 @@ def _cache_numba_kernels() -> None:
                     value.enable_caching()
 
 
-def _profile_metric_names(profile: str) -> list[str]:
+def profile_metrics(profile: str) -> list[str]:
+    """The metric names of a cell-eval profile, in its pipeline's order."""
     from cell_eval._pipeline import MetricPipeline
 
     return list(MetricPipeline(profile=profile)._metrics)
@@ -192,7 +193,7 @@ def _summary(evaluator, group: dict[str, str], profile: str) -> ad.AnnData:
     """The cross-condition summary of one evaluator's pair (cell-eval's own data, after its normlog check)."""
     from perturb_repro.scoring.celleval_cross import from_summary, summarise
 
-    return summarise(evaluator.anndata_pair, group, [m for m in _profile_metric_names(profile) if from_summary(m)])
+    return summarise(evaluator.anndata_pair, group, [m for m in profile_metrics(profile) if from_summary(m)])
 
 
 def _group_key_array(adata: ad.AnnData, group_by: list[str]) -> np.ndarray:
@@ -373,12 +374,6 @@ def _metrics_table(agg: pd.DataFrame, per_condition: pd.DataFrame, group_by: tup
 # --------------------------------------------------------------------------- public API
 
 
-def _remove(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
 def score(
     pred_path: str | os.PathLike,
     truth_path: str | os.PathLike,
@@ -414,7 +409,7 @@ def score(
     """
     pred_path, truth_path = Path(pred_path), Path(truth_path)
     metrics_out, per_condition_out = Path(metrics_out), Path(per_condition_out)
-    _remove(metrics_out, per_condition_out)
+    remove_outputs(metrics_out, per_condition_out)
     if profile not in PROFILES:
         raise PipelineInputError("score()", "profile", f"unknown cell-eval profile {profile!r}; expected one of {PROFILES}")
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
@@ -455,12 +450,7 @@ def score(
             _read_celleval_csv(outdir / "results.csv", CONDITION_COLUMN, group_by), conditions, group_by
         )
         metrics = _metrics_table(_read_celleval_csv(outdir / "agg_results.csv", "statistic"), per_condition, group_by)
-        try:
-            write_csv(metrics, metrics_out, index=False)
-            write_csv(per_condition, per_condition_out, index=False)
-        except BaseException:
-            _remove(metrics_out, per_condition_out)  # both or neither
-            raise
+        write_csvs((metrics, metrics_out), (per_condition, per_condition_out), index=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

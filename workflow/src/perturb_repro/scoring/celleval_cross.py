@@ -20,7 +20,6 @@ instead of ~97 GB). ``tests/test_sharded_scoring.py`` checks the merged files eq
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -33,7 +32,6 @@ from perturb_repro.io import write_h5ad
 if TYPE_CHECKING:
     import polars as pl
 
-logger = logging.getLogger(__name__)
 
 CONDITION = "perturbation"  # cell-eval's condition column in results.csv
 KIND = "kind"

@@ -21,16 +21,16 @@ import numpy as np
 import pandas as pd
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import write_csv
+from perturb_repro.io import remove_outputs, write_csv, write_csvs
 from perturb_repro.scoring.celleval import (
     CONDITION_COLUMN,
     _metrics_table,
     _open_lazy,
     _per_condition_table,
     _read_celleval_csv,
-    _remove,
     _MetricErrorCollector,
     _run_worker,
+    profile_metrics,
     is_cross_condition,
 )
 from perturb_repro.scoring.contract import check_prediction, group_columns
@@ -104,7 +104,7 @@ def score_shard(
 
     pred_path, truth_path = Path(pred_path), Path(truth_path)
     results_out, summary_out = Path(results_out), Path(summary_out)
-    _remove(results_out, summary_out)
+    remove_outputs(results_out, summary_out)
     results_out.parent.mkdir(parents=True, exist_ok=True)
     truth_obs = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth_obs))
@@ -133,7 +133,7 @@ def score_shard(
         _publish(outdir / "results.csv", results_out)
         _publish(scratch / "summary.h5ad", summary_out)
     except BaseException:
-        _remove(results_out, summary_out)  # both or neither
+        remove_outputs(results_out, summary_out)  # both or neither
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -159,7 +159,7 @@ def score_cross(
     from perturb_repro.scoring.celleval_cross import cross_metrics, from_summary
 
     results_out = Path(results_out)
-    _remove(results_out)
+    remove_outputs(results_out)
     for path in (*map(Path, summary_paths), Path(truth_path)):
         if not path.is_file():
             raise PipelineInputError(path, "(file)", "does not exist")
@@ -168,7 +168,7 @@ def score_cross(
     keys = _condition_keys(truth, pert_col, control_label, group_by)
     truth.close()
     labels = [CONDITION_COLUMN, *group_by]
-    if not any(from_summary(m) for m in _profile_metrics(profile)):
+    if not any(from_summary(m) for m in profile_metrics(profile)):
         write_csv(pd.DataFrame(columns=labels), results_out, index=False)
         return
     collector = _MetricErrorCollector()
@@ -185,12 +185,6 @@ def score_cross(
         _per_condition_table(_read_celleval_csv(Path(scratch) / "results.csv", CONDITION_COLUMN, group_by), expected, group_by)
         results_out.parent.mkdir(parents=True, exist_ok=True)
         _publish(Path(scratch) / "results.csv", results_out)
-
-
-def _profile_metrics(profile: str) -> list[str]:
-    from cell_eval._pipeline import MetricPipeline
-
-    return list(MetricPipeline(profile=profile)._metrics)
 
 
 def _de_spearman_sig(frame: pd.DataFrame, group_by: tuple[str, ...]) -> pd.Series:
@@ -220,7 +214,7 @@ def _de_spearman_sig(frame: pd.DataFrame, group_by: tuple[str, ...]) -> pd.Serie
 
 def _metric_order(profile: str):
     """Sort key putting results.csv columns in the order cell-eval writes them (its pipeline's metric order)."""
-    names = _profile_metrics(profile)
+    names = profile_metrics(profile)
 
     def key(column: str) -> int:  # used with a stable sort: sub-metrics keep their order of appearance
         matches = [i for i, n in enumerate(names) if column == n or column.startswith(n + "_")]
@@ -252,7 +246,7 @@ def merge_shards(
     import polars as pl
 
     metrics_out, per_condition_out = Path(metrics_out), Path(per_condition_out)
-    _remove(metrics_out, per_condition_out)
+    remove_outputs(metrics_out, per_condition_out)
     truth_obs = _open_lazy(truth_path)
     group_by = tuple(group_columns(truth_obs))
     keys = _condition_keys(truth_obs, pert_col, control_label, group_by)
@@ -271,7 +265,7 @@ def merge_shards(
     cross = read(cross_results)
     if len(cross.columns) > len(labels):
         merged = merged.join(cross, on=labels, how="left")
-    if "de_spearman_sig" in _profile_metrics(profile):
+    if "de_spearman_sig" in profile_metrics(profile):
         merged = merged.with_columns(pl.Series("de_spearman_sig", _de_spearman_sig(merged.to_pandas(), tuple(group_by)).to_numpy()))
     order = _metric_order(profile)
     metric_names = sorted((c for c in merged.columns if c not in labels), key=order)
@@ -285,9 +279,4 @@ def merge_shards(
             _read_celleval_csv(Path(scratch) / "results.csv", CONDITION_COLUMN, group_by), expected, group_by
         )
         metrics = _metrics_table(_read_celleval_csv(Path(scratch) / "agg_results.csv", "statistic"), per_condition, group_by)
-    try:
-        write_csv(metrics, metrics_out, index=False)
-        write_csv(per_condition, per_condition_out, index=False)
-    except BaseException:
-        _remove(metrics_out, per_condition_out)
-        raise
+    write_csvs((metrics, metrics_out), (per_condition, per_condition_out), index=False)

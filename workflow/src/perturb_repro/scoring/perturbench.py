@@ -89,7 +89,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import write_csv
+from perturb_repro.io import remove_outputs, write_csvs
 from perturb_repro.scoring.pb_cells import Cells, Kernel, Points, condition_stats, energy_matrix, read_rows
 
 logger = logging.getLogger(__name__)
@@ -625,12 +625,6 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        if path.exists():
-            path.unlink()
-
-
 def score_perturbench(
     pred_path: str | os.PathLike,
     truth_path: str | os.PathLike,
@@ -659,7 +653,7 @@ def score_perturbench(
     opts = options if isinstance(options, Options) else Options.from_config(options)
     pred_path, truth_path = Path(pred_path), Path(truth_path)
     out_per_condition, out_summary = Path(out_per_condition), Path(out_summary)
-    _remove(out_per_condition, out_summary)
+    remove_outputs(out_per_condition, out_summary)
     for path in (pred_path, truth_path):
         if not path.is_file():
             raise PipelineInputError(path, "(file)", "does not exist")
@@ -683,12 +677,7 @@ def write_outputs(
     summary = summarise(per_condition)
     summary[SETTINGS_COLUMN] = json.dumps({**opts.record(), "seed": int(seed), "n_deg": int(n_deg),
                                            "pca_components": int(pca_components)}, sort_keys=True)
-    try:
-        write_csv(per_condition, out_per_condition, index=False)
-        write_csv(summary, out_summary, index=False)
-    except BaseException:
-        _remove(out_per_condition, out_summary)
-        raise
+    write_csvs((per_condition, out_per_condition), (summary, out_summary), index=False)
     logger.info(
         "PerturBench metrics for %d condition(s): %s",
         len(per_condition),
