@@ -72,6 +72,9 @@ def test_paper_config_plans_the_data_chain_of_every_dataset(scratch):
         ("missing_field.yaml", lambda c: c["datasets"]["norman_demo"].pop("control_label"), "control_label"),
         ("wrong_type.yaml", lambda c: c["sampling"].update(steps="many"), "many"),
         ("unknown_model.yaml", lambda c: c["datasets"]["norman_demo"]["models"].append("geneformer"), "geneformer"),
+        # refused by the dry run, not by the sampling job after training: PRiMeFlow integrates with Euler only
+        ("unsampled_solver.yaml", lambda c: c["models"]["primeflow_cfg1"].update(sampling={"solver": "dopri5"}),
+         "config models.primeflow_cfg1: field 'sampling.solver': 'dopri5' is not a sampler of model type 'primeflow'"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(scratch, name, edit, expected):

@@ -419,3 +419,7 @@ def test_a_solver_the_model_does_not_integrate_with_is_refused(demo, tmp_path, s
     steps.check_solver("scldm_cd4_dopri5", {"type": "scldm"}, {"solver": "dopri5"})
     with pytest.raises(PipelineInputError, match="scldm_x"):
         steps.check_solver("scldm_x", {"type": "scldm"}, {"solver": "tsit5"})
+    from perturb_repro.models._flow import TORCH_SOLVERS
+    from perturb_repro.models.base import get_model
+
+    assert set(get_model("scldm").SOLVERS) <= set(TORCH_SOLVERS)  # the spec promises only what the integrator has

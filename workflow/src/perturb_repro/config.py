@@ -134,7 +134,8 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise ValueError(f"config: datasets.{dataset}.models names '{model}', which is not a key of models")
         entry = config["models"][model]
         # a missing preset or an unknown parameter fails now, naming the entry, the preset file and the key
-        model_params(entry, dataset=dataset, dataset_cfg=config["datasets"][dataset], entry=model)
+        params = model_params(entry, dataset=dataset, dataset_cfg=config["datasets"][dataset], entry=model)
+        check_solver(model, entry, sampling_settings(config.get("sampling") or {}, entry, params))
         owner = entry.get("shares_checkpoint_with")
         if owner and (owner not in config["models"] or config["models"][owner].get("shares_checkpoint_with")):
             raise ValueError(f"config: models.{model}.shares_checkpoint_with names '{owner}', not a model that trains")
@@ -151,6 +152,17 @@ def check_config(config: Mapping[str, Any]) -> None:
         for file in set(checkpoint) - {"how_to_get"} - known_files:
             raise ValueError(f"config: pretrained.{name}.{file} is not a pretrained file of any model type "
                              f"(known: {sorted(known_files)})")
+
+
+def check_solver(model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
+    """Refuse a ``sampling.solver`` the model type does not integrate with (its spec's ``solvers``), rather than
+    let it sample with another solver than the one recorded. Run by :func:`check_config` (every dry run) and again
+    by each sampling job."""
+    solver = str(sampling.get("solver") or "euler")
+    allowed = spec_of(model_cfg["type"]).solvers
+    if solver not in allowed:
+        raise PipelineInputError(f"config models.{model}", "sampling.solver",
+                                 f"{solver!r} is not a sampler of model type '{model_cfg['type']}' (it has {list(allowed)})")
 
 
 PRESET_SAMPLING_KEY = "sampling"  # a preset's own sampler settings (e.g. scLDM's 50 timesteps), not a training key

@@ -25,8 +25,8 @@ from .data.checks import check_split
 from .data.source import CONDITION, IS_CONTROL, load_source, source_gene_count
 from .data.split import condition_pairs, make_split
 from .data.truth import build_test_truth
-from .errors import PipelineInputError
 from .io import atomic_path, remove_stale_temps, write_csv, write_h5ad, write_text
+from .config import check_solver
 from .models.base import ModelContext, get_model
 
 logger = logging.getLogger(__name__)
@@ -210,16 +210,6 @@ def shard_plan(plan: list, shard: int, shards: int) -> list:
 def _sampler_record(sampling: Mapping[str, Any]) -> dict[str, Any]:
     """Sampler settings as recorded in uns: not ``shards`` (how the work was split, which does not change a cell)."""
     return {k: sampling[k] for k in sampling if k != "shards"}
-
-
-def check_solver(model: str, model_cfg: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
-    """Refuse a ``sampling.solver`` the model does not integrate with (its class's ``SOLVERS``; ``euler`` only
-    unless it says otherwise), rather than let it sample with another solver than the one recorded."""
-    solver = str(sampling.get("solver") or "euler")
-    allowed = tuple(getattr(get_model(model_cfg["type"]), "SOLVERS", ("euler",)))
-    if solver not in allowed:
-        raise PipelineInputError(f"config models.{model}", "sampling.solver",
-                                 f"{solver!r} is not a sampler of model type '{model_cfg['type']}' (it has {list(allowed)})")
 
 
 def _sample_plan(

@@ -88,6 +88,8 @@ class ModelSpec:
     ``framework``         what the model's jobs compute with (what the GPU guard asks for accelerators)
     ``from_dataset``      parameters taken from the dataset's config block unless the preset or the entry's
                           overrides set them (``covariates``: the dataset owns its covariate columns)
+    ``solvers``           the ``sampling.solver`` values its sampler integrates with (the config check refuses
+                          others before any job runs, so a run never records one solver and integrates another)
 
     The parameter schema is ``workflow/schemas/models/<type>.schema.yaml`` (:func:`params_schema_path`).
     """
@@ -99,6 +101,7 @@ class ModelSpec:
     pretrained_files: tuple[str, ...] = ()
     framework: str = "torch"
     from_dataset: tuple[str, ...] = ()
+    solvers: tuple[str, ...] = ("euler",)
 
     def __post_init__(self):
         if self.esm2 not in ("yes", "optional", "no"):
@@ -114,7 +117,8 @@ _COV = ("covariates",)
 MODEL_SPECS: dict[str, ModelSpec] = {
     "control_mean": ModelSpec(_PB + "baselines:ControlMean", framework="none"),
     "additive": ModelSpec(_PB + "baselines:Additive", framework="none"),
-    "cellflow": ModelSpec(_PB + "cellflow:CellFlowModel", esm2="yes", framework="jax"),
+    "cellflow": ModelSpec(_PB + "cellflow:CellFlowModel", esm2="yes", framework="jax",
+                          solvers=("euler", "tsit5", "dopri5")),  # diffrax's
     "linear": ModelSpec(_PB + "perturbench_baselines:LinearAdditive", from_dataset=_COV),
     "latent_additive": ModelSpec(_PB + "perturbench_baselines:LatentAdditive", from_dataset=_COV),
     "decoder_only": ModelSpec(_PB + "perturbench_baselines:DecoderOnly", from_dataset=_COV),
@@ -132,7 +136,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
                            extra_sources=(_PB + "_unet1d", _PB + "_flow"), from_dataset=_COV),
     "scldm": ModelSpec(_PB + "scldm:ScLDMModel", stages=("autoencoder", "train"),
                        extra_sources=(_PB + "_scldm_nets", _PB + "_scldm_counts", _PB + "_flow"),
-                       from_dataset=_COV),
+                       from_dataset=_COV, solvers=("euler", "dopri5")),  # _flow.integrate's
 }
 
 # Views of the specs under their older names (tests and jobs read these).

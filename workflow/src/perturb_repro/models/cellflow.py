@@ -23,7 +23,7 @@ from ..data.conditions import genes_of
 from ..data.source import CONDITION, IS_CONTROL
 from ..io import atomic_path, write_text
 from ..training import Preempted, StopFlag, TrainLog
-from .base import ModelContext, checkpoint_key, job_cached
+from .base import ModelContext, checkpoint_key, job_cached, spec_of
 
 MODEL_FILE = "CellFlow.pkl"
 STATE_FILE = "state.json"
@@ -180,7 +180,7 @@ class CellFlowModel:
         finally:
             log.close()
 
-    SOLVERS = ("euler", "tsit5", "dopri5")  # steps.predict_step refuses any other sampling.solver
+    SOLVERS = spec_of("cellflow").solvers  # the config check refuses any other sampling.solver
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         ckpt = checkpoint_key(checkpoint_dir)

@@ -66,7 +66,7 @@ from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
 from ._flow import step_seed as _step_seed
 from ._unet1d import UNet1D, timestep_embedding
-from .base import ModelContext, checkpoint_key, job_cached
+from .base import ModelContext, checkpoint_key, job_cached, spec_of
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -592,7 +592,7 @@ class PRiMeFlowModel:
                                    "substitute_prob": task.p_sub}, indent=2), checkpoint_dir / FIT_FILE)
         trainer.close()
 
-    SOLVERS = ("euler",)  # fixed-step Euler only: steps.predict_step refuses any other sampling.solver
+    SOLVERS = spec_of("primeflow").solvers  # fixed-step Euler only: the config check refuses any other
 
     def sample(self, checkpoint_dir, conditions, control, n_cells, context, params, sampling):
         checkpoint_dir = Path(checkpoint_dir)

@@ -96,7 +96,7 @@ from ..distributed import current_world
 from ..io import atomic_path, write_text
 from ..trainer import EMA, STATE_FILE as TRAINER_STATE_FILE
 from ..trainer import Shard, Trainer, TrainerConfig, TrainTask, lambda_schedule, resolve_device
-from ._flow import TORCH_SOLVERS, guided_velocity, integrate
+from ._flow import guided_velocity, integrate
 from ._flow import covariate_ids as _covariate_matrix
 from ._flow import label_seed as _label_seed
 from ._flow import param_at as _get
@@ -104,7 +104,7 @@ from ._flow import step_seed as _step_seed
 from ._scldm_counts import (DECODE_LIBRARY_FILE, LIBRARY_FILE, _has_decode_library, context_keys, counts_matrix, decode_counts,
                             draw_library, library_columns, log_normalize, normalisation_units, write_decode_library)
 from ._scldm_nets import Autoencoder, DiT, nb_loss
-from .base import ModelContext, checkpoint_key, job_cached
+from .base import ModelContext, checkpoint_key, job_cached, spec_of
 
 # autoencoder directory (stage 1)
 AE_META_FILE = "meta.json"
@@ -517,7 +517,7 @@ class ScLDMModel:
             _save_weights(checkpoint_dir / DIT_WEIGHTS, result.module.state_dict(), result.ema)
         trainer.close()
 
-    SOLVERS = TORCH_SOLVERS  # steps.predict_step refuses any other sampling.solver
+    SOLVERS = spec_of("scldm").solvers  # the config check refuses any other sampling.solver
 
     def sample(self, checkpoint_dir, conditions: list[str], control: ad.AnnData, n_cells: int, context: ModelContext,
                params: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict[str, np.ndarray]:
