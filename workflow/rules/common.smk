@@ -77,8 +77,16 @@ SEEDS_DIR = "seeds"
 
 
 def seeds_of(model):
-    """A model entry's replicate seeds, in config order (default: the one global sampling seed)."""
-    return [int(s) for s in config["models"][model].get("seeds") or [config_at("sampling/seed")]]
+    """A model entry's replicate seeds, in config order. Default: a sampling variant (shares_checkpoint_with)
+    samples every seed its owner trained -- a CFG weight of a replicated model is replicated too, not its owner's
+    first seed alone; any other entry has the one global sampling seed."""
+    entry = config["models"][model]
+    if entry.get("seeds"):
+        return [int(s) for s in entry["seeds"]]
+    owner = entry.get("shares_checkpoint_with")
+    if owner in config["models"] and config["models"][owner].get("seeds"):
+        return [int(s) for s in config["models"][owner]["seeds"]]
+    return [int(config_at("sampling/seed"))]
 
 
 def is_replicated(model):
