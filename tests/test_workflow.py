@@ -136,6 +136,10 @@ def test_replicated_demo_entry_aggregates_its_seeds(replicate_run):
     def num(text):
         return float("nan") if text in ("", "NaN", "nan") else float(text)
 
+    # the rank metrics' tie-break draws: scoring seed + run seed, so replicates draw independently as upstream's do
+    scoring_seed = DEMO["scoring"]["perturbench"].get("seed", 0)
+    settings = [json.loads(pd.read_csv(base / f"seeds/{s}/perturbench.csv")["settings"].iloc[0]) for s in (0, 1)]
+    assert [s["seed"] for s in settings] == [scoring_seed, scoring_seed + 1]
     for name in ("metrics.csv", "perturbench.csv"):
         seeds = [rows(base / f"seeds/{s}/{name}") for s in (0, 1)]
         aggregate = rows(base / name)

@@ -118,6 +118,16 @@ def report_run(model):
     return run_key(model, seeds_of(model)[0])
 
 
+def perturbench_options(wildcards):
+    """``scoring.perturbench`` for one run. PerturBench breaks rank ties by an unseeded shuffle, so each of its runs
+    draws anew; here a replicate's draws are seeded by the scoring seed plus the run's seed (replicates draw
+    independently), while a one-run entry, and seed 0, keep the configured seed."""
+    options = dict(config_at("scoring/perturbench", default={}))
+    if is_replicated(entry_of(wildcards.model)):
+        options["seed"] = int(options.get("seed", 0)) + run_seed(wildcards.model)
+    return options
+
+
 def seed_run_files(wildcards, name):
     """``name`` in every seed's run directory of a replicated entry, in seed order."""
     return [f"results/{wildcards.dataset}/{run}/{name}" for run in run_keys([wildcards.model])]

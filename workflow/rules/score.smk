@@ -128,7 +128,7 @@ rule score_perturbench:
         per_condition="results/{dataset}/{model}/perturbench_per_condition.csv",
     params:
         control=config_at("datasets/{dataset}/control_label"),
-        options=config_at("scoring/perturbench", default={}),
+        options=perturbench_options,
         shards=lambda w: score_shards(w.dataset, w.model),
     log:
         "logs/score_perturbench/{dataset}/{model}.log",
@@ -156,7 +156,7 @@ rule score_perturbench_shard:
         n=r"\d+",
     params:
         control=lambda w: config["datasets"][w.dataset]["control_label"],
-        options=config["scoring"].get("perturbench", {}),
+        options=perturbench_options,
         shard=lambda w: int(w.shard),
         shards=lambda w: int(w.n),
     log:
