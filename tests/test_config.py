@@ -320,21 +320,3 @@ def test_paper_config_plans_scoring_tables_and_report(scratch):
     assert tables == {f"table={t}" for t in config["tables"]}
     assert ("scfate_table1_audit", "") in planned and ("report", "") in planned
 
-
-def test_a_variant_of_a_replicated_model_is_replicated_unless_it_names_its_seeds(scratch):
-    """The demo's fm_pca_ot_cfg3 (CFG 3 sampled from fm_pca_ot_cfg1's checkpoints, no `seeds` of its own) samples
-    from every seed its owner trained and is aggregated over them; with `seeds: [0]` it is one run of seed 0."""
-    target = "results/norman_demo/fm_pca_ot_cfg3/metrics.csv"
-    inherited = _planned(snakemake(scratch, "-n", target, "--configfile", "config/demo.yaml").stdout)
-    owner_seeds = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["models"]["fm_pca_ot_cfg1"]["seeds"]
-    assert len(owner_seeds) > 1
-    assert {w for r, w in inherited if r == "sample_model"} == {
-        f"dataset=norman_demo, model=fm_pca_ot_cfg3/seeds/{s}" for s in owner_seeds}
-    assert ("aggregate_celleval_seeds", "dataset=norman_demo, model=fm_pca_ot_cfg3") in inherited
-    trained = {w for r, w in inherited if r.startswith("train_model")}
-    assert trained == {f"dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/{s}" for s in owner_seeds}  # none of its own
-
-    one = _with(scratch, "one_seed.yaml", lambda c: c["models"]["fm_pca_ot_cfg3"].update(seeds=[0]))
-    single = _planned(snakemake(scratch, "-n", target, "--configfile", one).stdout)
-    assert {w for r, w in single if r == "sample_model"} == {"dataset=norman_demo, model=fm_pca_ot_cfg3"}
-    assert not any(r == "aggregate_celleval_seeds" for r, _ in single)

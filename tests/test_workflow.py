@@ -332,23 +332,33 @@ def test_paper_primeflow_table_plans_five_seeds_per_primeflow_model(scratch):
     assert "results/norman19/primeflow_cfg1/metrics.csv" in table["input"]  # the aggregate
 
 
-def test_demo_aggregates_two_seeds_and_leaves_one_seed_entries_as_they_were(scratch):
+def test_demo_aggregates_two_seeds_its_variants_inherit_them_and_one_seed_entries_stay(scratch):
     result = snakemake(scratch, "-n", "results/norman_demo/fm_pca_ot_cfg1/metrics.csv",
                        "results/norman_demo/fm_pca_ot_cfg3/metrics.csv", "--configfile", "config/demo.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
     assert DEMO["models"]["fm_pca_ot_cfg1"]["seeds"] == [0, 1]
     assert _planned(jobs, "train_model") == [f"dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/{s}" for s in (0, 1)]
-    assert _planned(jobs, "score_celleval") == [
-        "dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/0", "dataset=norman_demo, model=fm_pca_ot_cfg1/seeds/1",
-        "dataset=norman_demo, model=fm_pca_ot_cfg3"]
-    aggregate = next(j for j in jobs if j["rule"] == "aggregate_celleval_seeds")
+    # CFG 3 has no seeds of its own: it samples each seed its owner trained, from that seed's checkpoint
+    assert _planned(jobs, "score_celleval") == [f"dataset=norman_demo, model=fm_pca_ot_cfg{w}/seeds/{s}"
+                                                for w in (1, 3) for s in (0, 1)]
+    for s in (0, 1):
+        sample = next(j for j in jobs if j["rule"] == "sample_model" and j["wildcards"].endswith(f"cfg3/seeds/{s}"))
+        assert f"results/norman_demo/fm_pca_ot_cfg1/seeds/{s}/checkpoint" in sample["input"]
+    aggregate = next(j for j in jobs if j["rule"] == "aggregate_celleval_seeds" and j["wildcards"].endswith("cfg1"))
     assert aggregate["input"] == ", ".join(f"results/norman_demo/fm_pca_ot_cfg1/seeds/{s}/{n}"
                                            for n in ("metrics.csv", "per_condition.csv") for s in (0, 1))
     assert "results/norman_demo/fm_pca_ot_cfg1/metrics_by_seed.csv" in aggregate["output"]
-    # CFG 3 keeps one run, sampled from seed 0's checkpoint (its one seed, the default sampling.seed)
-    sample = next(j for j in jobs if j["rule"] == "sample_model" and j["wildcards"].endswith("fm_pca_ot_cfg3"))
+    # with `seeds: [0]` CFG 3 is one run, sampled from seed 0's checkpoint
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["models"]["fm_pca_ot_cfg3"]["seeds"] = [0]
+    (scratch / "config" / "one_seed.yaml").write_text(yaml.safe_dump(config))
+    one = _jobs(snakemake(scratch, "-n", "results/norman_demo/fm_pca_ot_cfg3/metrics.csv", "--configfile",
+                          "config/one_seed.yaml").stdout)
+    assert _planned(one, "sample_model") == ["dataset=norman_demo, model=fm_pca_ot_cfg3"]
+    sample = next(j for j in one if j["rule"] == "sample_model")
     assert "results/norman_demo/fm_pca_ot_cfg1/seeds/0/checkpoint" in sample["input"]
+    assert not _planned(one, "aggregate_celleval_seeds")
     # a one-seed entry: exactly today's jobs and paths
     plan = snakemake(scratch, "-n", "results/norman_demo/cellflow/metrics.csv", "--configfile", "config/demo.yaml")
     assert plan.returncode == 0, plan.stderr[-3000:]
