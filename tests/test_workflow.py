@@ -97,29 +97,14 @@ def test_predictions_follow_the_contract(demo_run):
         assert pred.uns["model"] == run and pred.uns["sampler"]["steps"] == 100
 
 
-@pytest.fixture(scope="module")
-def replicate_run(tmp_path_factory):
-    """The demo's two-seed entry alone (its seeds, the aggregates, one PRiMeFlow table): ~4 minutes on 2 cores."""
-    root = copy_repo(tmp_path_factory.mktemp("replicates"))
-    config = dict(DEMO, datasets={k: dict(v, models=[]) for k, v in DEMO["datasets"].items()})
-    config["datasets"]["norman_demo"]["models"] = ["fm_pca_ot_cfg1"]
-    (root / "config/replicates.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    targets = [f"results/norman_demo/fm_pca_ot_cfg1/{n}" for n in ("metrics.csv", "perturbench.csv")]
-    result = snakemake(root, "-c2", *targets, "results/tables/primeflow_table5.md", "--configfile",
-                       "config/replicates.yaml", timeout=1800)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return root
-
-
 @pytest.mark.slow
-def test_replicated_demo_entry_aggregates_its_seeds(replicate_run):
+def test_replicated_demo_entry_aggregates_its_seeds(demo_run):
     """fm_pca_ot_cfg1 runs seeds 0 and 1: each seed changes the training seed and the sampling seeds, and the
     entry's metrics.csv is recomputed here from the two per-seed files (csv module, statistics)."""
     import csv
     import json
     import statistics
 
-    demo_run = replicate_run
     base = demo_run / "results/norman_demo/fm_pca_ot_cfg1"
     assert DEMO["models"]["fm_pca_ot_cfg1"]["seeds"] == [0, 1]
     used = [json.loads((base / f"seeds/{s}/checkpoint/config_used.json").read_text())["seed"] for s in (0, 1)]
