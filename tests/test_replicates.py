@@ -119,11 +119,24 @@ def test_seeds_that_do_not_line_up_are_refused_naming_the_file(tmp_path):
         _aggregate(tmp_path, [a, c], [0, 2])
     with pytest.raises(PipelineInputError, match="seeds"):
         _aggregate(tmp_path, [a, a], [0, 0])
-    d = _write_seed(tmp_path / "d", 3, rng, settings='{"seed": 0}')
-    e = _write_seed(tmp_path / "e", 4, rng, settings='{"seed": 1}')
+    d = _write_seed(tmp_path / "d", 3, rng, settings='{"n_deg": 50, "seed": 0}')
+    e = _write_seed(tmp_path / "e", 4, rng, settings='{"n_deg": 20, "seed": 0}')
     with pytest.raises(PipelineInputError, match=r"e/metrics\.csv.*settings"):
         _aggregate(tmp_path, [d, e], [3, 4])
     assert not list(tmp_path.glob("?.csv"))
+
+
+def test_settings_may_differ_only_in_the_scorers_seed_which_the_aggregate_lists(tmp_path):
+    """Each replicate's PerturBench ranks break ties with its own seed (scoring seed + run seed): the aggregate
+    keeps the shared settings and lists the seeds; any other difference is refused (test above)."""
+    import json
+
+    rng = np.random.default_rng(1)
+    files = [_write_seed(tmp_path / str(s), s, rng, settings=json.dumps({"n_deg": 50, "seed": 10 + s})) for s in (0, 1, 2)]
+    summary, _, by_seed = _aggregate(tmp_path, files, [0, 1, 2])
+    assert {json.loads(r["settings"])["seed"] == [10, 11, 12] for r in _rows(Path(summary))} == {True}
+    assert {json.loads(r["settings"])["n_deg"] for r in _rows(Path(summary))} == {50}
+    assert [json.loads(r["settings"])["seed"] for r in _rows(Path(by_seed))] == [10] * 3 + [11] * 3 + [12] * 3
 
 
 # -- paper tables ---------------------------------------------------------------------------------------------

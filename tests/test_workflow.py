@@ -36,8 +36,9 @@ def _owner(model: str) -> str:
 
 
 def _runs(model: str) -> list[str]:
-    """The run directories of a model entry under results/<dataset>/: one per seed when it has two or more."""
-    seeds = DEMO["models"][model].get("seeds", [0])
+    """The run directories of a model entry under results/<dataset>/: one per seed when it has two or more (a
+    sampling variant without seeds has its owner's)."""
+    seeds = DEMO["models"][model].get("seeds") or DEMO["models"][_owner(model)].get("seeds") or [0]
     return [f"{model}/seeds/{s}" for s in seeds] if len(seeds) > 1 else [model]
 
 
@@ -147,14 +148,20 @@ def test_replicated_demo_entry_aggregates_its_seeds(demo_run):
 
 @pytest.mark.slow
 def test_cfg_weights_are_runs_of_one_checkpoint(demo_run):
-    """PRiMeFlow CFG 1 and 3: one trained network, two samplings that differ only in the guidance weight."""
-    preds = {w: ad.read_h5ad(demo_run / f"results/norman_demo/primeflow_cfg{w}/predictions.h5ad") for w in (1, 3)}
-    assert [preds[w].uns["sampler"]["guidance_weight"] for w in (1, 3)] == [1, 3]
-    assert not np.allclose(preds[1].X, preds[3].X)
-    table = pd.read_csv(demo_run / "results/tables/primeflow_table3.csv")
-    run = table[table["model"].isin(["primeflow_cfg1", "primeflow_cfg3"])]
+    """FM PCA OT CFG 1 and 3: per seed one trained network, two samplings that differ only in the guidance weight;
+    CFG 3 (no seeds of its own) is replicated over CFG 1's two seeds and has no checkpoint of its own."""
+    results = demo_run / "results/norman_demo"
+    for seed in (0, 1):
+        preds = {w: ad.read_h5ad(results / f"fm_pca_ot_cfg{w}/seeds/{seed}/predictions.h5ad") for w in (1, 3)}
+        assert [preds[w].uns["sampler"]["guidance_weight"] for w in (1, 3)] == [1, 3]
+        assert [preds[w].uns["sampler"]["seed"] for w in (1, 3)] == [seed, seed]
+        assert not np.allclose(preds[1].X, preds[3].X)
+        assert not (results / f"fm_pca_ot_cfg3/seeds/{seed}/checkpoint").exists()
+    table = pd.read_csv(demo_run / "results/tables/primeflow_table5.csv")
+    run = table[table["model"].isin(["fm_pca_ot_cfg1", "fm_pca_ot_cfg3"]) & (table["dataset"] == "norman19")]
     assert len(run) and run["reproduced"].notna().all()  # rows of the configured runs are filled
-    assert table.loc[table["model"] == "primeflow_cfg5", "status"].eq("not-run").all()
+    assert (run["n_seeds"] == 2).all()
+    assert table.loc[table["model"] == "fm_pca_ot_cfg5", "status"].eq("not-run").all()
 
 
 @pytest.mark.slow

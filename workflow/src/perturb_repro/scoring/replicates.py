@@ -8,7 +8,9 @@ deviation". A model entry with ``seeds`` (two or more) is trained, sampled and s
   the per-seed file's columns, each numeric column the mean over seeds of that seed's value (the mean of the
   per-seed means, of the per-seed medians, ...); then ``n_seeds`` and, per statistic column ``S``,
   ``S_seed_std``: the standard deviation over seeds of the per-seed ``S`` (ddof=1, :data:`SEED_STD_DDOF`).
-  Text columns (perturbench.csv's ``settings``) must be equal in every seed and are kept.
+  Text columns (perturbench.csv's ``settings``) must be equal in every seed and are kept, except the scorer's
+  own ``seed`` inside ``settings`` (each replicate scores with its own: rule ``score_perturbench``), which the
+  aggregate lists per seed.
 * the **per-condition** table (``per_condition.csv`` / ``perturbench_per_condition.csv``): one row per
   (condition[, group]) as in one seed's file, each metric the mean over seeds.
 * the **by-seed** long table (``metrics_by_seed.csv`` / ``perturbench_by_seed.csv``): ``seed``, then each seed's
@@ -20,6 +22,7 @@ replicate is not averaged away), so ``n_seeds`` is the number of seeds behind ev
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from perturb_repro.errors import PipelineInputError
-from perturb_repro.io import write_csv
+from perturb_repro.io import write_csvs
 
 SEED_STD_DDOF = 1  # sample std over seeds; PRiMeFlow does not say which (ambiguity noted in config/README.md)
 SEED_STD_SUFFIX = "_seed_std"
@@ -37,7 +40,9 @@ N_SEEDS_COLUMN = "n_seeds"
 SEED_COLUMN = "seed"
 SOURCE_COLUMN = "source"
 METRIC_COLUMN = "metric"
-SUMMARY_TEXT_COLUMNS = (METRIC_COLUMN, "settings")  # perturbench.csv's settings: the scorer's options (JSON)
+SETTINGS_COLUMN = "settings"  # perturbench.csv's: the scorer's options (JSON)
+SETTINGS_SEED = "seed"  # the scorer's seed inside settings: one per replicate
+SUMMARY_TEXT_COLUMNS = (METRIC_COLUMN, SETTINGS_COLUMN)
 # statistic columns that get a seed std (counts do not: they are the same per seed unless a metric went NaN)
 STATISTIC_COLUMNS = ("mean", "std", "min", "q25", "median", "q75", "max")
 _NA = ["", "NaN", "nan", "null"]
@@ -108,10 +113,7 @@ def aggregate_summaries(summaries: Mapping[int, str]) -> tuple[pd.DataFrame, pd.
     _check_same(frames, [METRIC_COLUMN], "metric")
     first = next(iter(frames.values()))
     text = [c for c in first.columns if c in SUMMARY_TEXT_COLUMNS and c != METRIC_COLUMN]
-    for column in text:
-        for path, frame in frames.items():
-            if not frame[column].equals(first[column]):
-                raise PipelineInputError(path, column, "differs between seeds (the seeds were scored with other settings)")
+    kept = {column: _common_text(frames, column) for column in text}
     numeric = [c for c in first.columns if c not in SUMMARY_TEXT_COLUMNS]
     values = _stack(frames, numeric)
     out = pd.DataFrame({METRIC_COLUMN: first[METRIC_COLUMN].to_numpy()})
@@ -123,13 +125,40 @@ def aggregate_summaries(summaries: Mapping[int, str]) -> tuple[pd.DataFrame, pd.
         out[column + SEED_STD_SUFFIX] = (per_seed.std(axis=0, ddof=SEED_STD_DDOF) if len(frames) > SEED_STD_DDOF
                                          else np.full(per_seed.shape[1], math.nan))
     for column in text:
-        out[column] = first[column].to_numpy()
+        out[column] = kept[column]
     long = pd.concat(
         [frame.assign(**{SEED_COLUMN: int(seed), SOURCE_COLUMN: str(path)})
          for seed, (path, frame) in zip(summaries, frames.items())], ignore_index=True,
     )
     long = long[[SEED_COLUMN, *first.columns, SOURCE_COLUMN]]
     return out, long
+
+
+def _common_text(frames: Mapping[str, pd.DataFrame], column: str) -> np.ndarray:
+    """A text column equal in every seed, as the aggregate keeps it. ``settings`` (JSON) may differ only in its
+    ``seed`` (the scorer's, one per replicate); the aggregate's ``seed`` is then the list of them, seed order."""
+    cells = [frame[column].to_numpy(dtype=object) for frame in frames.values()]
+    if column != SETTINGS_COLUMN:
+        parsed = cells
+    else:
+        parsed = [[_settings(v) for v in c] for c in cells]
+    common = [[{k: v for k, v in cell.items() if k != SETTINGS_SEED} if isinstance(cell, dict) else cell
+               for cell in seed_cells] for seed_cells in parsed]
+    for path, seed_cells in zip(frames, common):
+        if seed_cells != common[0]:
+            raise PipelineInputError(path, column, "differs between seeds (the seeds were scored with other settings)")
+    if column != SETTINGS_COLUMN:
+        return cells[0]
+    return np.array([json.dumps({**cell, SETTINGS_SEED: [seed_cells[i].get(SETTINGS_SEED) for seed_cells in parsed]},
+                                sort_keys=True) for i, cell in enumerate(common[0])], dtype=object)
+
+
+def _settings(text) -> dict | str:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return text  # not JSON: compared as text
+    return value if isinstance(value, dict) else text
 
 
 def aggregate_per_condition(tables: Mapping[int, str], key_columns: Sequence[str]) -> pd.DataFrame:
@@ -161,12 +190,4 @@ def aggregate_seed_files(
     summary, long = aggregate_summaries(dict(zip(seeds, summaries)))
     per_condition = aggregate_per_condition(dict(zip(seeds, per_conditions)),
                                             [SCORERS[scorer].condition_column, *group_by])
-    outputs = (out_summary, out_per_condition, out_by_seed)
-    try:
-        write_csv(summary, out_summary, index=False)
-        write_csv(per_condition, out_per_condition, index=False)
-        write_csv(long, out_by_seed, index=False)
-    except BaseException:
-        for path in outputs:
-            Path(path).unlink(missing_ok=True)
-        raise
+    write_csvs((summary, out_summary), (per_condition, out_per_condition), (long, out_by_seed), index=False)
