@@ -150,7 +150,8 @@ def _common_text(frames: Mapping[str, pd.DataFrame], column: str) -> np.ndarray:
     if column != SETTINGS_COLUMN:
         return cells[0]
     return np.array([json.dumps({**cell, SETTINGS_SEED: [seed_cells[i].get(SETTINGS_SEED) for seed_cells in parsed]},
-                                sort_keys=True) for i, cell in enumerate(common[0])], dtype=object)
+                                sort_keys=True) if isinstance(cell, dict) else cell
+                     for i, cell in enumerate(common[0])], dtype=object)
 
 
 def _settings(text) -> dict | str:
