@@ -3,7 +3,7 @@
 
 Run from the repository root with the project's venv:
 
-    .venv/bin/python workflow/bench/bench_scale.py --quick [--out results/bench/scale.json]
+    .venv/bin/python workflow/bench/bench_scale.py --quick [--jobs 2] [--out results/bench/scale.json]   # ~1.5 min
     .venv/bin/python workflow/bench/bench_scale.py          # more and larger sizes (~15 min on 2 cores)
 
 Synthetic inputs shaped like the pipeline's own files are written into a temporary directory: sparse raw
@@ -527,7 +527,7 @@ def print_report(proj: dict, budget_gb: float, budget_h: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under ~3 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 96 s on 2 quiet cores with --jobs 2")
     parser.add_argument("--density", type=float, default=0.1, help="non-zero share of the synthetic raw counts")
     parser.add_argument("--budget-gb", type=float, default=64.0)
     parser.add_argument("--budget-h", type=float, default=24.0)
