@@ -76,17 +76,23 @@ check_config(config)  # cross-references and every model entry's parameters (its
 SEEDS_DIR = "seeds"
 
 
-def seeds_of(model):
-    """A model entry's replicate seeds, in config order. Default: a sampling variant (shares_checkpoint_with)
-    samples every seed its owner trained -- a CFG weight of a replicated model is replicated too, not its owner's
-    first seed alone; any other entry has the one global sampling seed."""
+def declared_seeds(model):
+    """An entry's `seeds`; for a sampling variant (shares_checkpoint_with) without its own, its owner's -- a CFG
+    weight of a replicated model is replicated too, not its owner's first seed alone. None: neither sets any."""
     entry = config["models"][model]
-    if entry.get("seeds"):
-        return [int(s) for s in entry["seeds"]]
     owner = entry.get("shares_checkpoint_with")
-    if owner in config["models"] and config["models"][owner].get("seeds"):
-        return [int(s) for s in config["models"][owner]["seeds"]]
-    return [int(config_at("sampling/seed"))]
+    seeds = entry.get("seeds") or (config["models"][owner].get("seeds") if owner in config["models"] else None)
+    return [int(s) for s in seeds] if seeds else None
+
+
+def seeds_of(model):
+    """A model entry's replicate seeds, in config order (default: the one global sampling seed)."""
+    return declared_seeds(model) or [int(config_at("sampling/seed"))]
+
+
+def has_seeds(model):
+    """Whether an entry's runs take their seeds from `seeds` rather than from the global sampling seed."""
+    return declared_seeds(model) is not None
 
 
 def is_replicated(model):
@@ -296,11 +302,11 @@ def checkpoint_owner(model):
 
 def sampling_of(model, dataset=None):
     """Global sampling settings, then the preset's `sampling` block on `dataset` (none without one), then the
-    model entry's own settings (perturb_repro.config.sampling_settings); an entry with `seeds` samples each run
-    with its replicate seed."""
+    model entry's own settings (perturb_repro.config.sampling_settings); an entry with `seeds` (its own or, for a
+    sampling variant, its owner's) samples each run with its replicate seed."""
     entry = config["models"][entry_of(model)]
     preset = model_params(entry, dataset=dataset) if dataset is not None else None
-    seed = {"seed": run_seed(model)} if entry.get("seeds") else {}
+    seed = {"seed": run_seed(model)} if has_seeds(entry_of(model)) else {}
     return {**sampling_settings(config["sampling"], entry, preset), **seed}
 
 
