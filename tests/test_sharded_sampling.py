@@ -200,7 +200,7 @@ def _tracked_block(seed, n_vars):
 @pytest.fixture
 def synthetic(tmp_path, monkeypatch):
     """A backed-readable truth of 2 cell lines x 6 test conditions (12 plan entries) and the tracked model."""
-    from perturb_repro.models.base import ModelContext
+    from perturb_repro.models.base import MODEL_SPECS, ModelContext, ModelSpec
 
     rng = np.random.default_rng(0)
     labels, lines = [], []
@@ -217,6 +217,7 @@ def synthetic(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     model = _TrackedModel()
     monkeypatch.setattr(steps, "get_model", lambda model_type: model)
+    monkeypatch.setitem(MODEL_SPECS, "tracked", ModelSpec("test_sharded_sampling:_TrackedModel", framework="none"))
     monkeypatch.setattr(steps, "_context", lambda dataset, adata, pca, esm2, seed: ModelContext(dataset, "control", None, {}, seed))
     return {"truth": str(tmp_path / "truth.h5ad"), "model": model, "out": tmp_path / "out"}
 
