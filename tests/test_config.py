@@ -320,3 +320,38 @@ def test_paper_config_plans_scoring_tables_and_report(scratch):
     assert tables == {f"table={t}" for t in config["tables"]}
     assert ("scfate_table1_audit", "") in planned and ("report", "") in planned
 
+
+
+def test_paper_resource_asks_cover_the_scaling_benchmarks_projections(scratch):
+    """Issue 15: each data and scoring job of Norman, Replogle and CD4 asks (in the paper dry run, inputs absent:
+    the per-dataset size estimates) for at least the memory and time workflow/bench/bench_scale.py projects for it
+    (workflow/bench/scale_projection.json), and for no more than the job budget the projection is held to."""
+    import json
+
+    bench = json.loads((REPO / "workflow" / "bench" / "scale_projection.json").read_text())
+    result = snakemake(scratch, "-n", "all", "--configfile", "config/config.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    asks: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", result.stdout, flags=re.M):
+        rule = re.match(r"(?:local)?rule (\w+):$", block, flags=re.M)
+        dataset = re.search(r"^\s+wildcards: .*?dataset=([^,\s]+)", block, flags=re.M)
+        resources = re.search(r"^\s+resources: (.*)$", block, flags=re.M)
+        if rule and dataset and resources:
+            mem, minutes = (re.search(rf"\b{k}=(\d+)", resources.group(1)) for k in ("mem_mb", "runtime"))
+            if mem and minutes:  # local rules (downloads, tables) ask for neither
+                asks.setdefault((rule.group(1), dataset.group(1)), []).append(
+                    (int(mem.group(1)), int(minutes.group(1))))
+    budget_mb, budget_min = bench["budget"]["gb"] * 1024, bench["budget"]["h"] * 60
+    checked = 0
+    for dataset, steps in bench["datasets"].items():
+        for step, projected in steps.items():
+            rules = bench["steps"][step]
+            rules = [rules] if isinstance(rules, str) else rules
+            planned = [r for r in rules if (r, dataset) in asks]
+            assert planned, (dataset, step, rules)
+            rule = planned[-1]  # the shard rule where the dataset is sharded: the job that holds the cells
+            for mem_mb, minutes in asks[(rule, dataset)]:
+                assert projected["gb"] * 1024 <= mem_mb <= budget_mb, (dataset, step, rule, mem_mb, projected)
+                assert projected["hours"] * 60 <= minutes <= budget_min, (dataset, step, rule, minutes, projected)
+            checked += 1
+    assert checked == sum(len(s) for s in bench["datasets"].values()) >= 18
