@@ -112,8 +112,7 @@ def aggregate_summaries(summaries: Mapping[int, str]) -> tuple[pd.DataFrame, pd.
     frames = {str(path): _read(str(path), SUMMARY_TEXT_COLUMNS) for path in summaries.values()}
     _check_same(frames, [METRIC_COLUMN], "metric")
     first = next(iter(frames.values()))
-    text = [c for c in first.columns if c in SUMMARY_TEXT_COLUMNS and c != METRIC_COLUMN]
-    kept = {column: _common_text(frames, column) for column in text}
+    settings = _common_settings(frames) if SETTINGS_COLUMN in first.columns else None
     numeric = [c for c in first.columns if c not in SUMMARY_TEXT_COLUMNS]
     values = _stack(frames, numeric)
     out = pd.DataFrame({METRIC_COLUMN: first[METRIC_COLUMN].to_numpy()})
@@ -124,8 +123,8 @@ def aggregate_summaries(summaries: Mapping[int, str]) -> tuple[pd.DataFrame, pd.
         per_seed = values[:, :, numeric.index(column)]
         out[column + SEED_STD_SUFFIX] = (per_seed.std(axis=0, ddof=SEED_STD_DDOF) if len(frames) > SEED_STD_DDOF
                                          else np.full(per_seed.shape[1], math.nan))
-    for column in text:
-        out[column] = kept[column]
+    if settings is not None:
+        out[SETTINGS_COLUMN] = settings
     long = pd.concat(
         [frame.assign(**{SEED_COLUMN: int(seed), SOURCE_COLUMN: str(path)})
          for seed, (path, frame) in zip(summaries, frames.items())], ignore_index=True,
@@ -134,24 +133,20 @@ def aggregate_summaries(summaries: Mapping[int, str]) -> tuple[pd.DataFrame, pd.
     return out, long
 
 
-def _common_text(frames: Mapping[str, pd.DataFrame], column: str) -> np.ndarray:
-    """A text column equal in every seed, as the aggregate keeps it. ``settings`` (JSON) may differ only in its
-    ``seed`` (the scorer's, one per replicate); the aggregate's ``seed`` is then the list of them, seed order."""
-    cells = [frame[column].to_numpy(dtype=object) for frame in frames.values()]
-    if column != SETTINGS_COLUMN:
-        parsed = cells
-    else:
-        parsed = [[_settings(v) for v in c] for c in cells]
-    common = [[{k: v for k, v in cell.items() if k != SETTINGS_SEED} if isinstance(cell, dict) else cell
-               for cell in seed_cells] for seed_cells in parsed]
-    for path, seed_cells in zip(frames, common):
-        if seed_cells != common[0]:
-            raise PipelineInputError(path, column, "differs between seeds (the seeds were scored with other settings)")
-    if column != SETTINGS_COLUMN:
-        return cells[0]
-    return np.array([json.dumps({**cell, SETTINGS_SEED: [seed_cells[i].get(SETTINGS_SEED) for seed_cells in parsed]},
-                                sort_keys=True) if isinstance(cell, dict) else cell
-                     for i, cell in enumerate(common[0])], dtype=object)
+def _common_settings(frames: Mapping[str, pd.DataFrame]) -> np.ndarray:
+    """perturbench.csv's ``settings`` (JSON), equal in every seed except the scorer's own ``seed`` (one per
+    replicate: rule ``score_perturbench``), which the aggregate lists in seed order."""
+    parsed = [[_settings(v) for v in frame[SETTINGS_COLUMN]] for frame in frames.values()]
+
+    def without_seed(cell):
+        return {k: v for k, v in cell.items() if k != SETTINGS_SEED} if isinstance(cell, dict) else cell
+
+    common = [[without_seed(cell) for cell in cells] for cells in parsed]
+    for path, cells in zip(frames, common):
+        if cells != common[0]:
+            raise PipelineInputError(path, SETTINGS_COLUMN, "differs between seeds (the seeds were scored with other settings)")
+    return np.array([json.dumps({**cell, SETTINGS_SEED: [cells[i].get(SETTINGS_SEED) for cells in parsed]}, sort_keys=True)
+                     if isinstance(cell, dict) else cell for i, cell in enumerate(common[0])], dtype=object)
 
 
 def _settings(text) -> dict | str:
